@@ -38,3 +38,41 @@ def hosvd(W: torch.Tensor, ranks):
 def relative_error(W: torch.Tensor, W_hat: torch.Tensor) -> float:
     """``‖W − Ŵ‖_F / ‖W‖_F`` as a Python float."""
     return float(torch.linalg.norm(W - W_hat) / torch.linalg.norm(W))
+
+
+def leading_eigenvectors(A: torch.Tensor, rank: int):
+    """Leading left singular vectors of ``A`` [m, n] from the eigendecomposition of ``A Aᵀ`` [m, m].
+
+    Returns ``(U [m, rank], energy)`` with ``energy = ‖Uᵀ A‖_F²``, the sum of the ``rank`` largest
+    eigenvalues of ``A Aᵀ`` (the squared singular values kept).
+    """
+    eigenvalues, eigenvectors = torch.linalg.eigh(A @ A.T)  # ascending
+    return eigenvectors[:, -rank:].flip(-1), eigenvalues[-rank:].sum()
+
+
+def hooi(W: torch.Tensor, ranks, n_iter: int = 50, tol: float = 1e-8):
+    """Tucker-2 by higher-order orthogonal iteration (HOOI), started from :func:`hosvd`.
+
+    ``ranks = (rT, rS)``. Alternates U_T = leading left singular vectors of unfold(W ×₂ U_Sᵀ, 0)
+    and U_S = those of unfold(W ×₁ U_Tᵀ, 1), each from the eigendecomposition of a small Gram
+    matrix. With orthonormal factors ‖W − Ŵ‖² = ‖W‖² − ‖G‖², so the error needs no reconstruction.
+    Stops after ``n_iter`` sweeps or when the relative error improves by less than ``tol``.
+    Returns ``(core [rT, rS, kh, kw], U_T [T, rT], U_S [S, rS])``, orthonormal factors.
+    """
+    if isinstance(n_iter, bool) or int(n_iter) != n_iter or n_iter < 0:
+        raise ValueError(f"n_iter must be a non-negative integer, got {n_iter!r}")
+    if not tol >= 0:
+        raise ValueError(f"tol must be non-negative, got {tol!r}")
+    core, U_T, U_S = hosvd(W, ranks)
+    rT, rS = U_T.shape[1], U_S.shape[1]
+    norm2 = W.square().sum()
+    error = float((norm2 - core.square().sum()).clamp(min=0).div(norm2).sqrt())
+    for _ in range(int(n_iter)):
+        U_T, _ = leading_eigenvectors(unfold(mode_product(W, U_S.T, 1), 0), rT)
+        U_S, kept = leading_eigenvectors(unfold(mode_product(W, U_T.T, 0), 1), rS)
+        new_error = float((norm2 - kept).clamp(min=0).div(norm2).sqrt())
+        improved, error = error - new_error, new_error
+        if improved < tol:
+            break
+    core = mode_product(mode_product(W, U_T.T, 0), U_S.T, 1)
+    return core, U_T, U_S

@@ -1,0 +1,167 @@
+"""The book's models: pretrained CIFAR-10 ResNets and small MNIST networks trained in the book.
+
+The ResNets are the CIFAR variant of He et al. (2016) with the parameter-free "option A"
+shortcut; the weights are Yerlan Idelbayev's (github.com/akamaster/pytorch_resnet_cifar10,
+BSD-2-Clause), checked by sha256 before use.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .storage import cache_root, data_root, missing, sha256
+
+CHECKPOINTS = {  # depth → (file, sha256)
+    20: ("resnet20-12fca82f.th", "12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8"),
+    32: ("resnet32-d509ac18.th", "d509ac1820d7f25398913559d7e81a13229b1e7adc5648e3bfa5e22dc137f850"),
+    44: ("resnet44-014dd654.th", "014dd6541728a1c700b1642ab640e211dc6eb8ed507d70697458dc8f8a0ae2e4"),
+    56: ("resnet56-4bfd9763.th", "4bfd97631478d6b638d2764fd2baff3edb1d7d82252d54439343b6596b9b5367"),
+}
+URL = "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/"
+
+
+class ShortcutA(nn.Module):
+    """Option-A shortcut: subsample by 2 and zero-pad ``pad`` channels on each side (no parameters)."""
+
+    def __init__(self, pad: int):
+        super().__init__()
+        self.pad = pad
+
+    def forward(self, x):
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+
+
+class BasicBlock(nn.Module):
+    """conv3×3–BN–ReLU–conv3×3–BN, plus the shortcut, then ReLU."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        changes = stride != 1 or in_planes != planes
+        self.shortcut = ShortcutA(planes // 4) if changes else nn.Identity()
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet-(6n+2) for 32×32 inputs: stages of widths 16/32/64, global pooling, linear 64→10."""
+
+    def __init__(self, n: int, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        widths, blocks, in_planes = (16, 32, 64), [], 16
+        for stage, planes in enumerate(widths):
+            layers = []
+            for i in range(n):
+                layers.append(BasicBlock(in_planes, planes, 2 if stage > 0 and i == 0 else 1))
+                in_planes = planes
+            blocks.append(nn.Sequential(*layers))
+        self.layer1, self.layer2, self.layer3 = blocks
+        self.linear = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.linear(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def checkpoint_path(depth: int):
+    """Path of the verified checkpoint of ResNet-``depth``: from the data root, else downloaded there."""
+    name, digest = CHECKPOINTS[depth]
+    path = data_root() / "checkpoints" / name
+    if not path.is_file():
+        try:
+            torch.hub.download_url_to_file(URL + name, str(path), hash_prefix=digest[:8], progress=False)
+        except Exception as error:
+            raise missing(f"The ResNet-{depth} checkpoint", f"checkpoints/{name}",
+                          f"call lowrank.models.resnet{depth}(pretrained=True) with internet access "
+                          f"(it downloads {URL + name})") from error
+    if sha256(path) != digest:
+        raise RuntimeError(f"{path} is corrupt: its sha256 is not {digest}. Delete it and "
+                           f"download it again from {URL + name}.")
+    return path
+
+
+def cifar_resnet(depth: int, pretrained: bool = True) -> CifarResNet:
+    """CIFAR-10 ResNet of ``depth`` ∈ {20, 32, 44, 56}, in eval mode; ``pretrained`` loads the
+    published weights (sha256-checked)."""
+    if depth not in CHECKPOINTS:
+        raise ValueError(f"depth must be one of {sorted(CHECKPOINTS)}, got {depth!r}")
+    model = CifarResNet((depth - 2) // 6)
+    if pretrained:
+        state = torch.load(checkpoint_path(depth), map_location="cpu", weights_only=True)["state_dict"]
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        missing_keys, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or any(not k.endswith("num_batches_tracked") for k in missing_keys):
+            raise RuntimeError(f"checkpoint does not match the architecture: missing {missing_keys}, "
+                               f"unexpected {unexpected}")
+    return model.eval()
+
+
+def resnet20(pretrained: bool = True):
+    """Pretrained CIFAR-10 ResNet-20 (0.27 M parameters; 91.78 % reported test accuracy)."""
+    return cifar_resnet(20, pretrained)
+
+
+def resnet32(pretrained: bool = True):
+    """Pretrained CIFAR-10 ResNet-32 (92.78 % reported)."""
+    return cifar_resnet(32, pretrained)
+
+
+def resnet44(pretrained: bool = True):
+    """Pretrained CIFAR-10 ResNet-44 (93.14 % reported)."""
+    return cifar_resnet(44, pretrained)
+
+
+def resnet56(pretrained: bool = True):
+    """Pretrained CIFAR-10 ResNet-56 (0.85 M parameters; 93.62 % reported)."""
+    return cifar_resnet(56, pretrained)
+
+
+def mlp(hidden=(512, 256), in_features: int = 784, num_classes: int = 10) -> nn.Sequential:
+    """Fully connected MNIST classifier: Flatten, then Linear–ReLU per hidden width, then Linear."""
+    layers, width = [nn.Flatten()], in_features
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    return nn.Sequential(*layers, nn.Linear(width, num_classes))
+
+
+def lenet5(num_classes: int = 10) -> nn.Sequential:
+    """LeNet-5 for 28×28 MNIST (LeCun et al. 1998, with ReLU and max pooling)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(16 * 5 * 5, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, num_classes))
+
+
+def trained_mnist(arch: str = "mlp", epochs: int = 3, seed: int = 0, hidden=(512, 256), lr: float = 0.05,
+                  progress: bool = False):
+    """An MNIST model trained on the full training set with :func:`lowrank.train.fit`, in eval mode.
+
+    ``arch`` is "mlp" (widths ``hidden``) or "lenet5". The trained weights are cached in the user
+    cache (:func:`lowrank.storage.cache_root`), keyed by every hyperparameter, so a second call
+    loads them instead of training again.
+    """
+    from .data import mnist
+    from .train import fit
+
+    if arch == "mlp":
+        model, key = mlp(tuple(hidden)), "mlp-" + "-".join(map(str, hidden))
+    elif arch == "lenet5":
+        model, key = lenet5(), "lenet5"
+    else:
+        raise ValueError(f"arch must be 'mlp' or 'lenet5', got {arch!r}")
+    path = cache_root() / "models" / f"mnist-{key}-e{epochs}-lr{lr}-s{seed}-torch{torch.__version__}.pt"
+    if path.is_file():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return model.eval()
+    fit(model, mnist("train"), epochs=epochs, lr=lr, seed=seed, weight_decay=0.0, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return model.eval()
