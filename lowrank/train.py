@@ -40,7 +40,7 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, y: torch.Ten
     log_p = F.log_softmax(teacher / T, dim=1)
     log_q = F.log_softmax(student / T, dim=1)
     kl = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
-    return (1 - alpha) * F.cross_entropy(student, y) + alpha * T**2 * kl
+    return (1 - alpha) * F.cross_entropy(student, y) + alpha * kl
 
 
 def fit(model, data, epochs, lr=0.01, batch_size=128, momentum=0.9, nesterov=True,
@@ -91,6 +91,8 @@ def fit(model, data, epochs, lr=0.01, batch_size=128, momentum=0.9, nesterov=Tru
 
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
+    if len(data) == 0:
+        raise ValueError("the training data are empty")
     if isinstance(data, DataLoader):
         loader = data
     else:
@@ -98,12 +100,10 @@ def fit(model, data, epochs, lr=0.01, batch_size=128, momentum=0.9, nesterov=Tru
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator,
                             num_workers=0)
-    if len(loader) == 0:
-        raise ValueError("the training data are empty")
 
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
                                 nesterov=nesterov, weight_decay=weight_decay)
-    steps = epochs * len(loader)
+    steps = max(epochs * len(loader), 1)
     if schedule == "cosine":
         scale = lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))  # noqa: E731
     else:

@@ -51,7 +51,7 @@ def leading_eigenvectors(A: torch.Tensor, rank: int):
 
 
 def hooi(W: torch.Tensor, ranks, n_iter: int = 50, tol: float = 1e-8):
-    """Tucker-2 by higher-order orthogonal iteration (HOOI), started from :func:`hosvd`.
+    """Tucker-2 by higher-order orthogonal iteration (HOOI), started from the HOSVD.
 
     ``ranks = (rT, rS)``. Alternates U_T = leading left singular vectors of unfold(W ×₂ U_Sᵀ, 0)
     and U_S = those of unfold(W ×₁ U_Tᵀ, 1), each from the eigendecomposition of a small Gram
@@ -63,13 +63,21 @@ def hooi(W: torch.Tensor, ranks, n_iter: int = 50, tol: float = 1e-8):
         raise ValueError(f"n_iter must be a non-negative integer, got {n_iter!r}")
     if not tol >= 0:
         raise ValueError(f"tol must be non-negative, got {tol!r}")
-    core, U_T, U_S = hosvd(W, ranks)
-    rT, rS = U_T.shape[1], U_S.shape[1]
+    check_weight(W, 4)
+    rT = check_rank(ranks[0], W.shape[0], "output rank")
+    rS = check_rank(ranks[1], W.shape[1], "input rank")
+    U_T, _ = leading_eigenvectors(unfold(W, 0), rT)  # the HOSVD start
+    U_S, _ = leading_eigenvectors(unfold(W, 1), rS)
     norm2 = W.square().sum()
-    error = float((norm2 - core.square().sum()).clamp(min=0).div(norm2).sqrt())
+    kept = mode_product(mode_product(W, U_T.T, 0), U_S.T, 1).square().sum()
+    error = float((norm2 - kept).clamp(min=0).div(norm2).sqrt())
+    T, S = W.shape[:2]
+    W_T = W.permute(0, 2, 3, 1).reshape(-1, S)  # [T·kh·kw, S]: rows (t, i, j), so W_T @ U_S = W ×₂ U_Sᵀ
+    W_S = W.permute(1, 2, 3, 0).reshape(-1, T)  # [S·kh·kw, T]: rows (s, i, j), so W_S @ U_T = W ×₁ U_Tᵀ
     for _ in range(int(n_iter)):
-        U_T, _ = leading_eigenvectors(unfold(mode_product(W, U_S.T, 1), 0), rT)
-        U_S, kept = leading_eigenvectors(unfold(mode_product(W, U_T.T, 0), 1), rS)
+        # unfold(W ×₂ U_Sᵀ, 0) and unfold(W ×₁ U_Tᵀ, 1) up to a permutation of columns
+        U_T, _ = leading_eigenvectors((W_T @ U_S).reshape(T, -1), rT)
+        U_S, kept = leading_eigenvectors((W_S @ U_T).reshape(S, -1), rS)
         new_error = float((norm2 - kept).clamp(min=0).div(norm2).sqrt())
         improved, error = error - new_error, new_error
         if improved < tol:

@@ -1,0 +1,177 @@
+"""Measuring a model: parameters, multiply–accumulates, latency, accuracy, and one table of all."""
+import html
+from dataclasses import dataclass
+
+import torch
+from torch.utils import benchmark
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def params(model: torch.nn.Module) -> int:
+    """Number of parameters (every tensor in ``model.parameters()``, buffers excluded)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _device(model):
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def macs(model: torch.nn.Module, input_size=(3, 32, 32)) -> int:
+    """Multiply–accumulates of one forward pass on one input of shape ``input_size``.
+
+    Counted by ``torch.utils.flop_counter.FlopCounterMode`` (which counts 2 FLOPs per MAC in
+    convolutions and matrix products; normalisation, activations and additions are not counted).
+    """
+    x = torch.zeros(1, *input_size, device=_device(model))
+    with _eval(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops() // 2
+
+
+class _eval:
+    """Context manager: put ``model`` in eval mode, restore its training flags afterwards."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.modes = [m.training for m in self.model.modules()]
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        for m, mode in zip(self.model.modules(), self.modes):
+            m.training = mode
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Median wall time of one forward pass of a batch, with the conditions it was measured in."""
+    seconds: float
+    batch_size: int
+    threads: int
+    device: str
+
+    def __str__(self):
+        return (f"{self.seconds * 1e3:.2f} ms (batch {self.batch_size}, {self.threads} "
+                f"thread{'s' * (self.threads > 1)}, {self.device})")
+
+
+def latency(model, batch_size: int = 1, input_size=(3, 32, 32), threads: int | None = None,
+            min_run_time: float = 0.5, warmup: int = 3) -> Latency:
+    """Median forward time of ``model`` on a batch of zeros, via ``torch.utils.benchmark``.
+
+    ``warmup`` untimed calls first, then ``Timer.blocked_autorange`` repeats for at least
+    ``min_run_time`` seconds. ``threads`` defaults to ``torch.get_num_threads()``.
+    """
+    threads = threads or torch.get_num_threads()
+    device = _device(model)
+    x = torch.zeros(batch_size, *input_size, device=device)
+    with _eval(model), torch.no_grad():
+        for _ in range(warmup):
+            model(x)
+        timer = benchmark.Timer("model(x)", globals={"model": model, "x": x}, num_threads=threads)
+        median = timer.blocked_autorange(min_run_time=min_run_time).median
+    return Latency(median, batch_size, threads, str(device))
+
+
+class Accuracy(float):
+    """Top-1 accuracy as a float in [0, 1] that also carries ``correct`` and ``total``."""
+
+    def __new__(cls, correct: int, total: int):
+        value = super().__new__(cls, correct / total)
+        value.correct, value.total = correct, total
+        return value
+
+    def __repr__(self):
+        return f"{100 * self:.2f} % of {self.total:,} images"
+
+
+def predictions(model, data, batch_size: int = 256) -> torch.Tensor:
+    """Predicted class of every item of ``data`` (a Dataset of (x, y) or a DataLoader) → [N] on CPU."""
+    loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size)
+    device, out = _device(model), []
+    with _eval(model), torch.no_grad():
+        for x, _ in loader:
+            out.append(model(x.to(device)).argmax(1).cpu())
+    if not out:
+        raise ValueError("the data set is empty")
+    return torch.cat(out)
+
+
+def labels(data) -> torch.Tensor:
+    """The labels of a Dataset of (x, y) pairs (or a DataLoader) → [N]."""
+    if isinstance(data, DataLoader):
+        return torch.cat([torch.as_tensor(y) for _, y in data])
+    return torch.tensor([int(data[i][1]) for i in range(len(data))])
+
+
+def accuracy(model, data, batch_size: int = 256) -> Accuracy:
+    """Top-1 accuracy of ``model`` on ``data`` (a Dataset of (x, y) or a DataLoader)."""
+    predicted = predictions(model, data, batch_size)
+    return Accuracy(int((predicted == labels(data)).sum()), len(predicted))
+
+
+class Table:
+    """Rows of equal keys that print as text and render as HTML in a notebook."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def __getitem__(self, name):
+        return next(row for row in self.rows if row["model"] == name)
+
+    def _cells(self):
+        keys = list(self.rows[0])
+        return keys, [[_format(row[k]) for k in keys] for row in self.rows]
+
+    def __str__(self):
+        keys, cells = self._cells()
+        widths = [max(len(k), *(len(r[i]) for r in cells)) for i, k in enumerate(keys)]
+        line = lambda items: "  ".join(s.rjust(w) if i else s.ljust(w)
+                                       for i, (s, w) in enumerate(zip(items, widths)))
+        return "\n".join([line(keys)] + [line(r) for r in cells])
+
+    __repr__ = __str__
+
+    def _repr_html_(self):
+        keys, cells = self._cells()
+        head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in cells)
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _format(value):
+    if isinstance(value, Accuracy):
+        return f"{100 * value:.2f} %"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def compare(models: dict, data=None, input_size=(3, 32, 32), batch_size: int = 1,
+            latency_time: float = 0.3) -> Table:
+    """One row per named model: parameters, MACs (and both as ratios of the first model),
+    top-1 accuracy and agreement with the first model's predictions on ``data`` (paired, same
+    images), and the median latency at ``batch_size`` (``latency_time=0`` skips it)."""
+    rows, reference = [], None
+    for name, model in models.items():
+        row = {"model": name, "params": params(model), "MACs": macs(model, input_size)}
+        if not rows:
+            base = row
+        row["params ×"] = base["params"] / row["params"]
+        row["MACs ×"] = base["MACs"] / row["MACs"]
+        if data is not None:
+            predicted = predictions(model, data)
+            truth = labels(data) if reference is None else truth
+            reference = predicted if reference is None else reference
+            row["accuracy"] = Accuracy(int((predicted == truth).sum()), len(truth))
+            row["agreement"] = Accuracy(int((predicted == reference).sum()), len(truth))
+        if latency_time:
+            row[f"latency b{batch_size} (ms)"] = latency(model, batch_size, input_size,
+                                                         min_run_time=latency_time).seconds * 1e3
+        rows.append(row)
+    return Table(rows)
