@@ -88,29 +88,26 @@ class Accuracy(float):
         return f"{100 * self:.2f} % of {self.total:,} images"
 
 
-def predictions(model, data, batch_size: int = 256) -> torch.Tensor:
-    """Predicted class of every item of ``data`` (a Dataset of (x, y) or a DataLoader) → [N] on CPU."""
+def predictions(model, data, batch_size: int = 256):
+    """Predicted and true class of every item of ``data`` (a Dataset of (x, y) or a DataLoader).
+
+    Returns ``(predicted [N], labels [N])`` on the CPU; inputs are moved to the model's device.
+    """
     loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size)
-    device, out = _device(model), []
+    device, predicted, truth = _device(model), [], []
     with _eval(model), torch.no_grad():
-        for x, _ in loader:
-            out.append(model(x.to(device)).argmax(1).cpu())
-    if not out:
+        for x, y in loader:
+            predicted.append(model(x.to(device)).argmax(1).cpu())
+            truth.append(torch.as_tensor(y))
+    if not predicted:
         raise ValueError("the data set is empty")
-    return torch.cat(out)
-
-
-def labels(data) -> torch.Tensor:
-    """The labels of a Dataset of (x, y) pairs (or a DataLoader) → [N]."""
-    if isinstance(data, DataLoader):
-        return torch.cat([torch.as_tensor(y) for _, y in data])
-    return torch.tensor([int(data[i][1]) for i in range(len(data))])
+    return torch.cat(predicted), torch.cat(truth)
 
 
 def accuracy(model, data, batch_size: int = 256) -> Accuracy:
     """Top-1 accuracy of ``model`` on ``data`` (a Dataset of (x, y) or a DataLoader)."""
-    predicted = predictions(model, data, batch_size)
-    return Accuracy(int((predicted == labels(data)).sum()), len(predicted))
+    predicted, truth = predictions(model, data, batch_size)
+    return Accuracy(int((predicted == truth).sum()), len(truth))
 
 
 class Table:
@@ -165,8 +162,7 @@ def compare(models: dict, data=None, input_size=(3, 32, 32), batch_size: int = 1
         row["params ×"] = base["params"] / row["params"]
         row["MACs ×"] = base["MACs"] / row["MACs"]
         if data is not None:
-            predicted = predictions(model, data)
-            truth = labels(data) if reference is None else truth
+            predicted, truth = predictions(model, data)
             reference = predicted if reference is None else reference
             row["accuracy"] = Accuracy(int((predicted == truth).sum()), len(truth))
             row["agreement"] = Accuracy(int((predicted == reference).sum()), len(truth))

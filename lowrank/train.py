@@ -6,12 +6,15 @@ teacher's softened class probabilities as well as from the labels.
 """
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import trange
+
+from .measure import _eval, accuracy
 
 
 @dataclass
@@ -40,7 +43,7 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, y: torch.Ten
     log_p = F.log_softmax(teacher / T, dim=1)
     log_q = F.log_softmax(student / T, dim=1)
     kl = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
-    return (1 - alpha) * F.cross_entropy(student, y) + alpha * kl
+    return (1 - alpha) * F.cross_entropy(student, y) + alpha * T**2 * kl
 
 
 def fit(model, data, epochs, lr=0.01, batch_size=128, momentum=0.9, nesterov=True,
@@ -61,7 +64,8 @@ def fit(model, data, epochs, lr=0.01, batch_size=128, momentum=0.9, nesterov=Tru
     - ``teacher``: another model; the loss becomes :func:`distillation_loss` with ``alpha`` and
       ``temperature``. The teacher runs in eval mode without gradients and is never modified
       (its train/eval mode is restored on return). Without a teacher the loss is cross-entropy.
-    - ``eval_data``: a Dataset; its top-1 accuracy is measured after every epoch.
+    - ``eval_data``: a Dataset (or DataLoader); its top-1 accuracy
+      (:func:`lowrank.measure.accuracy`) is measured after every epoch.
     - ``seed``: seeds the shuffling (its own ``torch.Generator``) and, through
       ``torch.manual_seed``, the global generator that random augmentation and dropout draw
       from. On one device, two calls with the same seed, model and data give the same history
@@ -84,15 +88,13 @@ def fit(model, data, epochs, lr=0.01, batch_size=128, momentum=0.9, nesterov=Tru
         raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
     if teacher is model:
         raise ValueError("the teacher must be a separate model: pass copy.deepcopy(model)")
-    parameter = next(model.parameters(), None)
-    if parameter is None:
+    if next(model.parameters(), None) is None:
         raise ValueError("the model has no parameters to train")
-    device, dtype = parameter.device, parameter.dtype
 
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
     if len(data) == 0:
         raise ValueError("the training data are empty")
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
     if isinstance(data, DataLoader):
         loader = data
     else:
@@ -104,68 +106,59 @@ def fit(model, data, epochs, lr=0.01, batch_size=128, momentum=0.9, nesterov=Tru
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
                                 nesterov=nesterov, weight_decay=weight_decay)
     steps = max(epochs * len(loader), 1)
-    if schedule == "cosine":
-        scale = lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))  # noqa: E731
-    else:
-        scale = lambda step: 1.0  # noqa: E731
+
+    def scale(step):
+        """The learning rate of step ``step`` (0, 1, ..., steps − 1) as a fraction of ``lr``."""
+        return 0.5 * (1 + math.cos(math.pi * step / steps)) if schedule == "cosine" else 1.0
+
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, scale)
 
-    teacher_was_training = teacher.training if teacher is not None else False
     history = History()
-    bar = trange(epochs, disable=not progress, desc="fit")
-    try:
-        if teacher is not None:
-            teacher.eval()
+    teacher_mode = _eval(teacher) if teacher is not None else nullcontext()
+    with teacher_mode, trange(epochs, disable=not progress, desc="fit") as bar:
         for epoch in bar:
             start = time.perf_counter()
-            model.train()
-            total_loss = torch.zeros((), device=device)
-            correct = torch.zeros((), device=device, dtype=torch.long)
-            seen = 0
-            for x, y in loader:
-                x = x.to(device, dtype) if x.is_floating_point() else x.to(device)
-                y = y.to(device)
-                z = model(x)
-                if teacher is None:
-                    loss = F.cross_entropy(z, y)
-                else:
-                    with torch.no_grad():
-                        z_teacher = teacher(x)
-                    loss = distillation_loss(z, z_teacher, y, alpha, temperature)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                total_loss += loss.detach() * len(y)
-                correct += (z.detach().argmax(1) == y).sum()
-                seen += len(y)
-            mean_loss = total_loss.item() / seen
-            if not math.isfinite(mean_loss):
-                raise FloatingPointError(
-                    f"the training loss became {mean_loss} in epoch {epoch}: lower lr")
-            history.loss.append(mean_loss)
-            history.train_accuracy.append(correct.item() / seen)
-            postfix = {"loss": f"{mean_loss:.4f}", "train_acc": f"{history.train_accuracy[-1]:.3f}"}
+            loss, train_accuracy = _epoch(model, loader, optimizer, scheduler, teacher,
+                                          alpha, temperature)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"the training loss became {loss} in epoch {epoch}: lower lr")
+            history.loss.append(loss)
+            history.train_accuracy.append(train_accuracy)
+            postfix = {"loss": f"{loss:.4f}", "train_acc": f"{train_accuracy:.3f}"}
             if eval_data is not None:
-                history.accuracy.append(_accuracy(model, eval_data))
+                history.accuracy.append(float(accuracy(model, eval_data)))
                 postfix["acc"] = f"{history.accuracy[-1]:.3f}"
             history.seconds.append(time.perf_counter() - start)
             bar.set_postfix(postfix)
-    finally:
-        bar.close()
-        model.eval()
-        if teacher is not None:
-            teacher.train(teacher_was_training)
+    model.eval()
     return history
 
 
-@torch.no_grad()
-def _accuracy(model, data, batch_size=256) -> float:
-    """Top-1 accuracy of ``model`` on a Dataset of ``(x, y)`` pairs, in eval mode."""
-    model.eval()
+def _epoch(model, loader, optimizer, scheduler, teacher, alpha, temperature):
+    """One pass over ``loader`` in train mode, one optimiser and scheduler step per batch.
+
+    Returns ``(mean loss, top-1 accuracy on the batches as they were seen)``.
+    """
     parameter = next(model.parameters())
+    model.train()
+    total_loss = torch.zeros((), device=parameter.device)
     correct = torch.zeros((), device=parameter.device, dtype=torch.long)
-    for x, y in DataLoader(data, batch_size=batch_size, num_workers=0):
+    seen = 0
+    for x, y in loader:
         x = x.to(parameter.device, parameter.dtype) if x.is_floating_point() else x.to(parameter.device)
-        correct += (model(x).argmax(1) == y.to(parameter.device)).sum()
-    return correct.item() / len(data)
+        y = y.to(parameter.device)
+        z = model(x)
+        if teacher is None:
+            loss = F.cross_entropy(z, y)
+        else:
+            with torch.no_grad():
+                z_teacher = teacher(x)
+            loss = distillation_loss(z, z_teacher, y, alpha, temperature)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total_loss += loss.detach() * len(y)
+        correct += (z.detach().argmax(1) == y).sum()
+        seen += len(y)
+    return total_loss.item() / seen, correct.item() / seen

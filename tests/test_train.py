@@ -45,6 +45,7 @@ def same_weights(a, b):
 
 def test_loss_falls_and_accuracy_rises():
     train, test = separable(seed=0), separable(seed=0, n=128)
+    torch.manual_seed(0)
     model = nn.Linear(8, 3)
     history = fit(model, train, epochs=5, lr=0.05, batch_size=32, eval_data=test, progress=False)
     assert isinstance(history, History)
@@ -126,6 +127,22 @@ def test_alpha_one_ignores_labels_alpha_zero_ignores_teacher():
     assert same_weights(runs["soft"], runs["soft, other labels"])
     torch.testing.assert_close(runs["hard"].state_dict(), runs["no teacher"].state_dict())
     assert not same_weights(runs["soft"], runs["hard"])
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_learning_rate_schedule(monkeypatch, schedule):
+    seen, step = [], torch.optim.SGD.step
+
+    def recording_step(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", recording_step)
+    fit(mlp(), separable(n=64), epochs=3, lr=0.1, batch_size=16, schedule=schedule, progress=False)
+    steps = 3 * 4
+    k = torch.arange(steps, dtype=torch.float64)
+    expected = 0.05 * (1 + torch.cos(torch.pi * k / steps)) if schedule == "cosine" else 0.1 + 0 * k
+    torch.testing.assert_close(torch.tensor(seen, dtype=torch.float64), expected)
 
 
 def test_dataloader_and_zero_epochs():
