@@ -1,4 +1,12 @@
-"""lowrank: compressing neural networks by low-rank decomposition — the package behind the book."""
-from . import data, decompose, measure, models, storage
+"""lowrank: compressing neural networks by low-rank decomposition — the package behind the book.
+
+    import lowrank as lr
+    model = lr.models.resnet20()
+    plan = lr.plan(model, method="tucker2", ranks=0.5)
+    small = lr.compress(model, plan)          # a new model; `model` is untouched
+"""
+from . import data, decompose, layers, measure, models, ranks, storage
+from .plans import Plan, plan
+from .surgery import compress, load, save, structure
 
 __version__ = "0.1.0"

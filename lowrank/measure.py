@@ -1,9 +1,14 @@
 """Measuring a model: parameters, multiply–accumulates, latency, accuracy, and one table of all."""
 import html
+import logging
 from dataclasses import dataclass
 
 import torch
-from torch.utils import benchmark
+
+# A CUDA build of PyTorch on a machine without CUDA logs a warning when the benchmark utilities
+# load their C++ extension helpers; it says nothing about the CPU timings made here.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+from torch.utils import benchmark  # noqa: E402
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 

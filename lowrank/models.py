@@ -76,6 +76,7 @@ def checkpoint_path(depth: int):
     path = data_root() / "checkpoints" / name
     if not path.is_file():
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(URL + name, str(path), hash_prefix=digest[:8], progress=False)
         except Exception as error:
             raise missing(f"The ResNet-{depth} checkpoint", f"checkpoints/{name}",
