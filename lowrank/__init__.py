@@ -7,6 +7,7 @@
 """
 from . import data, decompose, layers, measure, models, ranks, storage
 from .plans import Plan, plan
+from .stats import LayerStats, calibrate, load_stats, save_stats
 from .surgery import compress, load, save, structure
 
 __version__ = "0.1.0"

@@ -80,3 +80,74 @@ def resolve(ranks, layers) -> dict:
     if callable(ranks):
         return {layer.name: ranks(layer) for layer in layers}
     raise ValueError(f"ranks must be an int, a float in (0, 1], a dict or a rank rule, got {ranks!r}")
+
+
+def _check_tau(tau):
+    if not 0 < tau <= 1:
+        raise ValueError(f"tau must be in (0, 1], got {tau!r}")
+    return float(tau)
+
+
+def _per_matrix(layer, choose):
+    """Apply ``choose(singular values) -> rank`` to each of the layer's matrices (one, or two for Tucker-2)."""
+    import torch
+
+    ranks = tuple(max(1, choose(torch.linalg.svdvals(M.double()))) for M in layer.matrices())
+    return ranks if len(ranks) > 1 else ranks[0]
+
+
+def energy_rank(s, tau: float) -> int:
+    """Smallest k with Σ_{i≤k} s_i² ≥ τ Σ_i s_i² (ARSVD's energy rule); ``s`` sorted descending."""
+    s = s.double()
+    share = (s.square().cumsum(0) / s.square().sum()).tolist()
+    return next(k + 1 for k, v in enumerate(share) if v >= tau - 1e-12)
+
+
+def entropy_rank(s, tau: float) -> int:
+    """Smallest k with −Σ_{i≤k} p_i log p_i ≥ τ H, p = s / Σ s (ARSVD's entropy rule)."""
+    p = s.double() / s.sum()
+    terms = -(p * p.clamp_min(1e-300).log())
+    share = (terms.cumsum(0) / terms.sum()).tolist()
+    return next(k + 1 for k, v in enumerate(share) if v >= tau - 1e-12)
+
+
+class energy:
+    """Per layer (per mode for Tucker-2), the smallest rank keeping a share ``tau`` of the squared
+    singular values (Lala & Cherukuri 2025). Layers with fast-decaying spectra get small ranks."""
+
+    def __init__(self, tau: float):
+        self.tau = _check_tau(tau)
+
+    def __call__(self, layer):
+        return _per_matrix(layer, lambda s: energy_rank(s, self.tau))
+
+    def __repr__(self):
+        return f"energy({self.tau})"
+
+
+class entropy:
+    """Per layer (per mode for Tucker-2), the smallest rank whose spectral-entropy terms reach a
+    share ``tau`` of the whole entropy (the entropy variant of ARSVD)."""
+
+    def __init__(self, tau: float):
+        self.tau = _check_tau(tau)
+
+    def __call__(self, layer):
+        return _per_matrix(layer, lambda s: entropy_rank(s, self.tau))
+
+    def __repr__(self):
+        return f"entropy({self.tau})"
+
+
+class vbmf:
+    """Per layer (per mode for Tucker-2), the rank EVBMF selects (Nakajima et al. 2013), as Kim et
+    al. (2016) choose Tucker-2 ranks; a rank of 0 (pure noise) is raised to 1."""
+
+    def __call__(self, layer):
+        from .decompose.vbmf import evbmf
+
+        ranks = tuple(max(1, evbmf(M.double()).rank) for M in layer.matrices())
+        return ranks if len(ranks) > 1 else ranks[0]
+
+    def __repr__(self):
+        return "vbmf()"

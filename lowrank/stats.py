@@ -89,7 +89,8 @@ def input_vectors(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     ``nn.Linear``: ``x`` [..., in_features] → [prod(...), in_features].
     ``nn.Conv2d``: ``x`` [N, S, H, W] → its im2col patches [N*Ho*Wo, S*kh*kw] with the layer's own
     padding, stride and dilation, entries ordered (s, i, j) like ``W.reshape(T, -1)``, so that
-    ``input_vectors(conv, x) @ W.reshape(T, -1).T`` is the conv output without bias.
+    ``input_vectors(conv, x) @ W.reshape(T, -1).T`` is the conv output without bias. (The result
+    is the transpose of a contiguous [d, n] matrix: that copy is the cheapest to build from NCHW.)
     """
     if isinstance(layer, nn.Linear):
         return x.reshape(-1, layer.in_features)
@@ -99,8 +100,10 @@ def input_vectors(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         pad = conv_padding(layer)
         if any(pad):
             x = F.pad(x, pad)
-        P = F.unfold(x, layer.kernel_size, dilation=layer.dilation, stride=layer.stride)
-        return P.transpose(1, 2).reshape(-1, P.shape[1])
+        (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
+        windows = x.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
+        patches = windows[..., ::dh, ::dw]  # a view [N, S, Ho, Wo, kh, kw]
+        return patches.permute(1, 4, 5, 0, 2, 3).reshape(x.shape[1] * kh * kw, -1).T
     raise ValueError(f"expected nn.Linear or nn.Conv2d, got {type(layer).__name__}")
 
 
@@ -114,13 +117,13 @@ class _Accumulator:
         X = input_vectors(layer, inputs[0])
         X = X.to(torch.promote_types(X.dtype, torch.float32))
         G = X.T @ X  # one batch in the activations' precision, then added in float64
-        if not torch.isfinite(G).all():
+        if not torch.isfinite(G.diagonal()).all():  # a NaN/inf entry of x shows in its Σ x_i²
             raise ValueError(f"layer {self.name!r}: its input holds NaN or infinite values")
         if self.gram is None:
             self.gram = torch.zeros(G.shape, dtype=torch.float64, device=G.device)
             self.total = torch.zeros(G.shape[0], dtype=torch.float64, device=G.device)
         self.gram += G
-        self.total += X.sum(0, dtype=torch.float64)
+        self.total += X.sum(0)
         self.count += X.shape[0]
 
     def result(self, centered: bool) -> LayerStats:

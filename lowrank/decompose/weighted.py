@@ -1,0 +1,416 @@
+r"""Data-informed decompositions: minimise the change of a layer's output, not of its weights.
+
+A layer multiplies input vectors x [d] by W [T, d] (a linear layer, or a conv seen as
+``W.reshape(T, -1)`` acting on im2col patches, entries ordered (s, i, j)). Replacing W by W̃
+changes the outputs on inputs with second moment (or covariance) Σ = E[x xᵀ] [d, d] by
+
+    E‖(W − W̃) x‖² = trace((W − W̃) Σ (W − W̃)ᵀ) = ‖(W − W̃) Σ^{1/2}‖_F²,
+
+the Σ-norm of Kalle et al. (NeurIPS 2025). Every algorithm here minimises it.
+
+**Whitening.** With Σ = Q Λ Qᵀ, eigenvalues floored at ``rel_floor`` · λ_max (so that a
+singular Σ, e.g. from dead ReLU channels, still works), L = Q Λ^{1/2} gives Σ ≈ L Lᵀ and
+‖E Σ^{1/2}‖_F = ‖E L‖_F; L⁻¹ = Λ^{-1/2} Qᵀ needs no inverse. The floor acts as a tiny ridge: in
+directions the data never visit, the solution stays close to W instead of being arbitrary.
+All algorithms minimise the norm of the floored Σ and report errors in it.
+
+**Matrix case** (:func:`weighted_svd`). ‖(W − W̃) L‖ over rank-r W̃ is the Eckart–Young problem
+for W L, so W̃ = [W L]_r L⁻¹. Writing [W L]_r = U_r U_rᵀ W L gives W̃ = U_r U_rᵀ W: keep the
+leading r left singular vectors U_r of W L and project W onto them (no L⁻¹ at all).
+
+**Tucker-2** (:func:`weighted_tucker2`). W̃ = G ×₁ U_T ×₂ U_S. As a [T, d] matrix
+W̃ = U_T C Kᵀ with C = G_(T) [rT, rS·k] (k = kh·kw) and K = U_S ⊗ I_k [d, rS·k].
+
+* (U_T, G) given U_S, jointly and in closed form. For any C of rank ≤ rT,
+  ‖(W − C Kᵀ) L‖² = ‖(W − C₀ Kᵀ) L‖² + ‖(C₀ − C) R‖² with Σ_K = Kᵀ Σ K = R Rᵀ (Cholesky) and
+  C₀ = W Σ K Σ_K⁻¹ the weighted least-squares fit. So U_T = leading rT left singular vectors
+  of C₀ R = W Σ K R⁻ᵀ (a triangular solve) and G_(T) = U_Tᵀ C₀. This is the classic
+  U_T = W Σ M (Mᵀ Σ M)⁻¹ step and the core's weighted least squares done at once.
+* U_S given (U_T, G). With U_T orthonormal, the error is ‖(1 − U_T U_Tᵀ) W L‖² plus
+  Σ_t ‖(z_t − vec(U_S G_t)) L‖², where z_t are the rows of Z = U_Tᵀ W and G_t = G[t] [rS, k]
+  (vectors flattened row-major, s then p). This is linear in U_S. Moving U_S inside its own
+  span only changes G, which the next closed-form step re-fits anyway, so the step is
+  U_S ← U_S + U_⊥ X with U_⊥ [S, S − rS] an orthonormal complement of U_S and X
+  [S − rS, rS] the unknowns. Setting the gradient in X to zero gives the (S − rS)·rS normal
+  equations H x = g with
+
+      H[(a,j),(b,l)] = Σ_{p,q} Σ_⊥[(a,p),(b,q)] N[(j,p),(l,q)],   N = G_(T)ᵀ G_(T),
+      g[a,j]        = Σ_{t,p,s} U_⊥[s,a] G[t,j,p] ((Z − Ẑ) Σ)[t,(s,p)],
+
+  Σ_⊥ = (U_⊥ ⊗ I_k)ᵀ Σ (U_⊥ ⊗ I_k) and Ẑ = G ×₂ U_S the current fit. Σ couples input
+  channels with kernel positions, so there is no SVD shortcut: H is built with one matmul and
+  solved densely (at most S²/4 = 1,024 unknowns for a 64-channel layer). U_S is then
+  orthonormalised by QR (the next step absorbs the triangle into G).
+
+Each step minimises the error over its block, so the error never increases. When Σ = I both
+steps reduce to HOOI's; for rS = S (U_S = I) the first step is already the global optimum.
+
+**CP** (:func:`weighted_cp`). W̃ = A Mᵀ with A [T, R] (the output factor, weights included)
+and M = B ⊙ C ⊙ D [d, R] the Khatri–Rao product of the input factors (rows (s, i, j);
+3-way: M = B ⊙ P with P [kh·kw, R]).
+
+* A in closed form: ∂/∂A = 0 gives A (Mᵀ Σ M) = W Σ M, an R × R system.
+* An input factor X [I_n, R] (one of B, C, D): column q enters M linearly, m_q = J_q x_q with
+  J_q [d, I_n] the Kronecker product of the other factors' q-th columns and an identity in
+  place n (e.g. J_q = I_S ⊗ c_q ⊗ d_q for B). The normal equations
+
+      Σ_r (a_qᵀ a_r) J_qᵀ Σ J_r x_r = J_qᵀ Σ Wᵀ a_q        for every q
+
+  couple all components through Σ (I_n·R unknowns, 8,768 for S = 64, R = 137). With
+  Σ = I (or any Kronecker Σ) J_qᵀ Σ J_r collapses to (c_qᵀ c_r)(d_qᵀ d_r) I and this is the usual
+  Hadamard-of-Grams CP-ALS step. In general we solve the system by one Gauss–Seidel sweep over
+  the components: with the residual E = W − A Mᵀ,
+
+      x_q ← x_q + (‖a_q‖² J_qᵀ Σ J_q)⁻¹ J_qᵀ Σ Eᵀ a_q,
+
+  an I_n × I_n solve that exactly minimises the error over x_q, after which E is updated. The
+  R small matrices J_qᵀ Σ J_q depend only on the other factors, so they are built in one batch.
+
+A sweep updates A, then each input factor; columns of the input factors are then normalised
+into A. Every update is an exact block minimisation, so the error never increases.
+
+All linear solves carry a proximal term δ‖Δ‖² (δ = 1e-10 × the mean diagonal), which keeps
+them well-posed when a block is singular and still guarantees a decrease. The ALS routines
+stop when the relative Σ-error improves by less than ``tol`` and return the best iterate.
+Computation is in float64 on W's device; results come back in W's dtype.
+"""
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .cp import CPDegeneracyWarning, CPResult, conv_cp, khatri_rao
+from .svd import check_rank, check_weight
+from .tucker import hosvd, tucker2_reconstruct
+
+
+@dataclass
+class Whitening:
+    """Σ [d, d] ≈ L Lᵀ with L = Q Λ^{1/2}, eigenvalues floored at ``rel_floor`` · λ_max.
+
+    ``L`` [d, d]; ``eigenvectors`` Q [d, d]; ``eigenvalues`` [d] of Σ as given (descending);
+    ``floored`` [d] the eigenvalues used (≥ ``floor``); ``condition`` λ_max / λ_min after the
+    floor (at most 1 / rel_floor); ``raw_condition`` the same before it (inf if Σ is singular);
+    ``effective_rank`` exp of the entropy of λ / Σλ (Roy & Vetterli 2007): d for Σ = I, 1 for a
+    rank-one Σ, in between for a decaying spectrum. All tensors float64 on Σ's device.
+    """
+
+    L: torch.Tensor
+    eigenvectors: torch.Tensor
+    eigenvalues: torch.Tensor
+    floored: torch.Tensor
+    floor: float
+    condition: float
+    raw_condition: float
+    effective_rank: float
+
+    @property
+    def sigma(self) -> torch.Tensor:
+        """The floored Σ = L Lᵀ [d, d] that the algorithms minimise with."""
+        return (self.eigenvectors * self.floored) @ self.eigenvectors.T
+
+    @property
+    def numerical_rank(self) -> int:
+        """Number of eigenvalues of Σ above the floor."""
+        return int((self.eigenvalues > self.floor).sum())
+
+    def whiten(self, X: torch.Tensor) -> torch.Tensor:
+        """``X L`` for X [..., d] (so ‖X L‖_F² = trace(X Σ Xᵀ))."""
+        return X.to(self.L.dtype) @ self.L
+
+    def unwhiten(self, Y: torch.Tensor) -> torch.Tensor:
+        """``Y L⁻¹ = (Y Λ^{-1/2}) Qᵀ`` for Y [..., d]: the inverse of :meth:`whiten`."""
+        return (Y.to(self.L.dtype) * self.floored.rsqrt()) @ self.eigenvectors.T
+
+
+def _round_off(dtype) -> float:
+    """Relative size of round-off tolerated in Σ (asymmetry, negative eigenvalues): sqrt(eps)."""
+    return torch.finfo(dtype).eps ** 0.5
+
+
+def _check_sigma(Sigma: torch.Tensor, d=None) -> torch.Tensor:
+    """Σ as a symmetric float64 [d, d] tensor; ``ValueError`` if not square, finite and symmetric."""
+    if not isinstance(Sigma, torch.Tensor) or Sigma.dim() != 2 or Sigma.shape[0] != Sigma.shape[1]:
+        shape = tuple(Sigma.shape) if isinstance(Sigma, torch.Tensor) else type(Sigma).__name__
+        raise ValueError(f"Σ must be a square [d, d] matrix, got {shape}")
+    if d is not None and Sigma.shape[0] != d:
+        raise ValueError(f"Σ is {tuple(Sigma.shape)} but the weight has d = {d} inputs per output")
+    if not Sigma.is_floating_point():
+        raise ValueError(f"Σ must be floating point, got {Sigma.dtype}")
+    if not torch.isfinite(Sigma).all():
+        raise ValueError("Σ holds NaN or infinite entries")
+    S64 = Sigma.to(torch.float64)
+    scale = S64.abs().max()
+    if scale == 0:
+        raise ValueError("Σ is zero: the layer never sees a non-zero input")
+    if (S64 - S64.T).abs().max() > _round_off(Sigma.dtype) * scale:
+        raise ValueError("Σ is not symmetric")
+    return (S64 + S64.T) / 2
+
+
+def whitening(Sigma: torch.Tensor, rel_floor: float = 1e-10) -> Whitening:
+    """Eigendecomposition of Σ [d, d] with eigenvalues floored at ``rel_floor`` · λ_max.
+
+    Raises ``ValueError`` if Σ is not a finite symmetric square matrix, is zero, or has a
+    negative eigenvalue beyond round-off (below −sqrt(eps)·λ_max for Σ's dtype; asymmetry is
+    tolerated up to sqrt(eps)·max|Σ|, then Σ is symmetrised).
+    A singular Σ is fine. Returns a :class:`Whitening`.
+    """
+    if not 0 < rel_floor < 1:
+        raise ValueError(f"rel_floor must be in (0, 1), got {rel_floor!r}")
+    d = Sigma.shape[0] if isinstance(Sigma, torch.Tensor) and Sigma.dim() == 2 else None
+    S64 = _check_sigma(Sigma, d)
+    lam, Q = torch.linalg.eigh(S64)
+    lam, Q = lam.flip(0), Q.flip(1)  # descending
+    lam_max = float(lam[0])
+    if lam_max <= 0 or float(lam[-1]) < -_round_off(Sigma.dtype) * lam_max:
+        raise ValueError(f"Σ is not positive semi-definite: eigenvalues from {float(lam[-1]):.3g} "
+                         f"to {lam_max:.3g}")
+    floor = rel_floor * lam_max
+    floored = lam.clamp(min=floor)
+    p = lam.clamp(min=0) / lam.clamp(min=0).sum()
+    entropy = -(p * p.clamp(min=torch.finfo(torch.float64).tiny).log()).sum()
+    raw_condition = lam_max / float(lam[-1]) if lam[-1] > 0 else math.inf
+    return Whitening(L=Q * floored.sqrt(), eigenvectors=Q, eigenvalues=lam, floored=floored,
+                     floor=floor, condition=lam_max / float(floored[-1]),
+                     raw_condition=raw_condition, effective_rank=float(entropy.exp()))
+
+
+def _as_whitening(Sigma, rel_floor: float, d: int) -> Whitening:
+    """A :class:`Whitening` of Σ (computed here if a tensor is given), checked to be [d, d]."""
+    if isinstance(Sigma, Whitening):
+        if Sigma.L.shape[0] != d:
+            raise ValueError(f"Σ is {tuple(Sigma.L.shape)} but the weight has d = {d} inputs per output")
+        return Sigma
+    _check_sigma(Sigma, d)
+    return whitening(Sigma, rel_floor)
+
+
+def _to64(W: torch.Tensor) -> torch.Tensor:
+    return W.to(torch.float64)
+
+
+def weighted_error(W: torch.Tensor, W_hat: torch.Tensor, Sigma: torch.Tensor) -> float:
+    """Relative Σ-error ``‖(W − Ŵ) Σ^{1/2}‖_F / ‖W Σ^{1/2}‖_F`` as a float.
+
+    W, Ŵ of the same shape [T, ...], flattened to [T, d]; Σ [d, d] (the matrix as given, not
+    floored). Raises ``ValueError`` on mismatched shapes, non-finite input, or W Σ Wᵀ = 0.
+    """
+    if W.shape != W_hat.shape or W.dim() < 2:
+        raise ValueError(f"W and Ŵ must have the same shape [T, ...], got {tuple(W.shape)} and "
+                         f"{tuple(W_hat.shape)}")
+    check_weight(W, W.dim())
+    check_weight(W_hat, W_hat.dim())
+    T = W.shape[0]
+    W2, E = _to64(W).reshape(T, -1), _to64(W - W_hat).reshape(T, -1)
+    Sigma = _check_sigma(Sigma, W2.shape[1]).to(W2.device)
+    total = ((W2 @ Sigma) * W2).sum()
+    if total <= 0:
+        raise ValueError("W Σ Wᵀ = 0: W only meets inputs that Σ says never occur")
+    return float(((E @ Sigma) * E).sum().clamp(min=0).div(total).sqrt())
+
+
+def _error(E: torch.Tensor, Sigma: torch.Tensor, total: torch.Tensor) -> float:
+    """Relative error sqrt(trace(E Σ Eᵀ) / total) for E [T, d] float64."""
+    return float(((E @ Sigma) * E).sum().clamp(min=0).div(total).sqrt())
+
+
+def _prox_cholesky(H: torch.Tensor, rel: float = 1e-10) -> torch.Tensor:
+    """Cholesky factor of H + δ I, δ = ``rel`` × the mean diagonal of H (per batch entry).
+
+    H [..., n, n] symmetric PSD. With it, Δ = (H + δ I)⁻¹ g minimises ½ΔᵀHΔ − gᵀΔ + ½δ‖Δ‖²: for a
+    quadratic with Hessian H and negative gradient g at the current point, a step that never
+    increases it, even where H is singular.
+    """
+    tiny = torch.finfo(H.dtype).tiny
+    H = H.clone()
+    diagonal = H.diagonal(dim1=-2, dim2=-1)
+    diagonal += rel * diagonal.mean(-1, keepdim=True).clamp(min=tiny) + tiny
+    return torch.linalg.cholesky(H)
+
+
+def _prox_step(H: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Δ = (H + δ I)⁻¹ g for H [n, n], g [n, m] (see :func:`_prox_cholesky`)."""
+    return torch.cholesky_solve(g, _prox_cholesky(H))
+
+
+def weighted_svd(W: torch.Tensor, Sigma, rank: int, rel_floor: float = 1e-10):
+    """Best rank-``rank`` W̃ = A B of W [T, d] in the Σ-norm: W̃ = [W L]_r L⁻¹ = U_r U_rᵀ W.
+
+    Σ [d, d] (or a :class:`Whitening` of it, to reuse across ranks). Returns
+    ``(A [T, r], B [r, d])`` with A = U_r orthonormal (leading left singular vectors of W L) and
+    B = U_rᵀ W. For a conv, pass ``channel_matrix(W)``; B reshapes to a [r, S, kh, kw] kernel.
+    """
+    check_weight(W, 2)
+    rank = check_rank(rank, min(W.shape))
+    wh = _as_whitening(Sigma, rel_floor, W.shape[1])
+    W64 = _to64(W).to(wh.L.device)
+    U = torch.linalg.svd(wh.whiten(W64), full_matrices=False)[0][:, :rank]
+    return U.to(W.dtype), (U.T @ W64).to(W.dtype)
+
+
+def _check_loop(n_iter, tol):
+    if isinstance(n_iter, bool) or int(n_iter) != n_iter or n_iter < 0:
+        raise ValueError(f"n_iter must be a non-negative integer, got {n_iter!r}")
+    if not tol >= 0:
+        raise ValueError(f"tol must be non-negative, got {tol!r}")
+
+
+def weighted_tucker2(W: torch.Tensor, Sigma, ranks, n_iter: int = 20, tol: float = 1e-6,
+                     rel_floor: float = 1e-10):
+    """Tucker-2 of W [T, S, kh, kw] minimising ‖(W − G ×₁ U_T ×₂ U_S) Σ^{1/2}‖_F by ALS.
+
+    Σ [S·kh·kw, S·kh·kw] (or a :class:`Whitening`), ``ranks = (rT, rS)``. Starts from
+    :func:`~lowrank.decompose.tucker.hosvd`; each iteration solves (U_T, G) in closed form, then
+    U_S from its S·rS normal equations (see the module docstring). rS = S keeps U_S = I and
+    needs one step. Stops after ``n_iter`` iterations or when the relative Σ-error improves by
+    less than ``tol`` (relative to its value).
+
+    Returns ``(core [rT, rS, kh, kw], U_T [T, rT], U_S [S, rS], history)``: the best iterate
+    (orthonormal factors), and ``history`` the relative Σ-errors, ``history[0]`` the HOSVD start,
+    then one per iteration. Never worse than the start.
+    """
+    check_weight(W, 4)
+    _check_loop(n_iter, tol)
+    T, S, kh, kw = W.shape
+    rT = check_rank(ranks[0], T, "output rank")
+    rS = check_rank(ranks[1], S, "input rank")
+    k, d = kh * kw, S * kh * kw
+    wh = _as_whitening(Sigma, rel_floor, d)
+    Sig = wh.sigma
+    W2 = _to64(W).to(Sig.device).reshape(T, d)
+    WSig = W2 @ Sig                                           # [T, d], fixed
+    total = (WSig * W2).sum()
+    if total <= 0:
+        raise ValueError("W is zero")
+    Sig4 = Sig.reshape(S, k, S, k)
+
+    def reconstruct(core, U_T, U_S):
+        return tucker2_reconstruct(core, U_T, U_S).reshape(T, d)
+
+    core, U_T, U_S = (t.to(W2) for t in hosvd(_to64(W), (rT, rS)))
+    if rS == S:
+        U_S = torch.eye(S, dtype=W2.dtype, device=W2.device)
+    history = [_error(W2 - reconstruct(core, U_T, U_S), Sig, total)]
+    best = (history[0], core, U_T, U_S)
+    for _ in range(int(n_iter)):
+        # (U_T, G) given U_S: weighted SVD of C₀ R, C₀ = W Σ K Σ_K⁻¹, Σ_K = Kᵀ Σ K = R Rᵀ
+        WSigK = torch.einsum("tsp,sj->tjp", WSig.reshape(T, S, k), U_S).reshape(T, rS * k)
+        Sig_K = torch.einsum("spuq,sj,ul->jplq", Sig4, U_S, U_S).reshape(rS * k, rS * k)
+        R = torch.linalg.cholesky(Sig_K)
+        C0R = torch.linalg.solve_triangular(R, WSigK.T, upper=False).T      # W Σ K R⁻ᵀ
+        U_T = torch.linalg.svd(C0R, full_matrices=rT > min(C0R.shape))[0][:, :rT]
+        core = torch.cholesky_solve((U_T.T @ WSigK).T, R).T.reshape(rT, rS, kh, kw)  # U_Tᵀ C₀
+        error = _error(W2 - reconstruct(core, U_T, U_S), Sig, total)
+        history.append(error)
+        if error < best[0]:
+            best = (error, core, U_T, U_S)
+        if rS == S or history[-2] - error < tol * history[-2]:
+            break
+        # U_S ← U_S + U_⊥ X given (U_T, G): (S − rS)·rS normal equations H x = g
+        G = core.reshape(rT, rS, k)
+        U_perp = torch.linalg.qr(U_S, mode="complete")[0][:, rS:]                # [S, S − rS]
+        n = S - rS
+        Z_hat = G.reshape(rT, rS * k) @ torch.einsum("sj,spuq->jpuq", U_S, Sig4).reshape(rS * k, d)
+        F = (U_T.T @ WSig - Z_hat).reshape(rT, S, k)                           # (Z − Ẑ) Σ
+        g = U_perp.T @ torch.einsum("tjp,tsp->sj", G, F)                       # [n, rS]
+        Sig_perp = torch.einsum("sa,spuq,ub->apbq", U_perp, Sig4, U_perp)      # [n, k, n, k]
+        N = G.reshape(rT, rS * k).T @ G.reshape(rT, rS * k)                    # [(j,p), (l,q)]
+        H = (Sig_perp.permute(0, 2, 1, 3).reshape(n * n, k * k)
+             @ N.reshape(rS, k, rS, k).permute(0, 2, 1, 3).reshape(rS * rS, k * k).T)
+        H = H.reshape(n, n, rS, rS).permute(0, 2, 1, 3).reshape(n * rS, n * rS)
+        X = _prox_step(H, g.reshape(-1, 1)).reshape(n, rS)
+        U_S = torch.linalg.qr(U_S + U_perp @ X)[0]
+    _, core, U_T, U_S = best
+    return core.to(W.dtype), U_T.to(W.dtype), U_S.to(W.dtype), history
+
+
+def weighted_cp(W: torch.Tensor, Sigma, rank: int, form: str = "4way", n_iter: int = 50,
+                tol: float = 1e-6, rel_floor: float = 1e-10, init: CPResult | None = None) -> CPResult:
+    """CP of a conv kernel W [T, S, kh, kw] minimising ‖(W − Ŵ) Σ^{1/2}‖_F (ALS, module docstring).
+
+    ``form``: ``"4way"`` (factors T, S, kh, kw) or ``"3way"`` (T, S, kh·kw), as in
+    :func:`~lowrank.decompose.cp.conv_cp`. Σ [S·kh·kw, S·kh·kw] (or a :class:`Whitening`).
+    Starts from ``init`` (a :class:`~lowrank.decompose.cp.CPResult` of that form) or from
+    ``conv_cp(W, rank, form)``. Stops after ``n_iter`` sweeps or when the relative Σ-error
+    improves by less than ``tol`` (relative to its value).
+
+    Returns a :class:`~lowrank.decompose.cp.CPResult` of the best iterate (never worse than the
+    start) whose ``relative_error`` and ``history`` are relative Σ-errors, ``history[0]`` the
+    start's. Warns with ``CPDegeneracyWarning`` when its components cancel each other.
+    """
+    check_weight(W, 4)
+    _check_loop(n_iter, tol)
+    if form not in ("4way", "3way"):
+        raise ValueError(f"form must be '4way' or '3way', got {form!r}")
+    T, S, kh, kw = W.shape
+    d = S * kh * kw
+    shape = (S, kh, kw) if form == "4way" else (S, kh * kw)          # input modes
+    wh = _as_whitening(Sigma, rel_floor, d)
+    Sig = wh.sigma
+    W2 = _to64(W).to(Sig.device).reshape(T, d)
+    total = ((W2 @ Sig) * W2).sum()
+    if total <= 0:
+        raise ValueError("W is zero")
+    if init is None:
+        init = conv_cp(W, rank, form)
+    elif [f.shape[0] for f in init.factors] != [T, *shape] or init.weights.shape[0] != rank:
+        raise ValueError(f"init has factors of sizes {[tuple(f.shape) for f in init.factors]}, "
+                         f"expected [I_n, {rank}] for I_n in {[T, *shape]}")
+    A = _to64(init.factors[0] * init.weights).to(W2)
+    X = [_to64(f).to(W2).clone() for f in init.factors[1:]]  # updated in place below
+    m = len(shape)
+    Sig_nd = Sig.reshape(*shape, *shape)
+
+    def residual(A, X):
+        return W2 - A @ khatri_rao(X).T
+
+    history = [_error(residual(A, X), Sig, total)]
+    best = (history[0], A, [x.clone() for x in X])
+    converged, sweeps = False, 0
+    for sweeps in range(1, int(n_iter) + 1):
+        # A: A (Mᵀ Σ M) = W Σ M, one step from the current A
+        M = khatri_rao(X)
+        SigM = Sig @ M
+        gram = M.T @ SigM
+        A = A + _prox_step(gram, (W2 @ SigM - A @ gram).T).T
+        for n in range(m):
+            # X_n column by column: each an exact I_n × I_n solve on the current residual
+            others = [i for i in range(m) if i != n]
+            In, O = shape[n], d // shape[n]
+            perm = [n, *others]
+            Sig_p = Sig_nd.permute(*perm, *(m + i for i in perm)).reshape(In, O, In, O)
+            K = khatri_rao([X[i] for i in others])                              # [O, R]
+            SJ = (Sig_p.reshape(In * O * In, O) @ K).reshape(In, O, In, rank)     # Σ J_q, all q
+            Hq = (SJ * K[None, :, None, :]).sum(1).permute(2, 0, 1)              # J_qᵀ Σ J_q [R, In, In]
+            chol = _prox_cholesky(Hq * A.square().sum(0)[:, None, None])
+            SJ = SJ.permute(3, 0, 1, 2).reshape(rank, d, In)
+            F = residual(A, X).reshape(T, *shape).permute(0, *(1 + i for i in perm)).reshape(T, d)
+            F = F @ Sig_p.reshape(d, d)                                         # E Σ, permuted
+            for q in range(rank):
+                g = (A[:, q] @ F).reshape(In, O) @ K[:, q]                      # J_qᵀ Σ Eᵀ a_q
+                step = torch.cholesky_solve(g[:, None], chol[q])[:, 0]
+                X[n][:, q] += step
+                F -= torch.outer(A[:, q], SJ[q] @ step)
+        for n in range(m):
+            norms = torch.linalg.vector_norm(X[n], dim=0).clamp(min=torch.finfo(W2.dtype).tiny)
+            X[n] = X[n] / norms
+            A = A * norms
+        error = _error(residual(A, X), Sig, total)
+        history.append(error)
+        if error < best[0]:
+            best = (error, A.clone(), [x.clone() for x in X])
+        if history[-2] - error < tol * history[-2]:
+            converged = True
+            break
+    error, A, X = best
+    weights = torch.linalg.vector_norm(A, dim=0)
+    A = A / weights.clamp(min=torch.finfo(W2.dtype).tiny)
+    norm_ratio = float(weights.sum() / torch.linalg.vector_norm(W2))
+    if norm_ratio > 10 * math.sqrt(rank):
+        warnings.warn(f"Σ-weighted CP rank {rank}: sum of |weights| / ‖W‖ ≈ {norm_ratio:.3g} "
+                      "(components cancel each other: the CP is degenerate)",
+                      CPDegeneracyWarning, stacklevel=2)
+    return CPResult(weights.to(W.dtype), [f.to(W.dtype) for f in (A, *X)], error, sweeps,
+                    converged, history)

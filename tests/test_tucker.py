@@ -1,0 +1,137 @@
+import numpy as np
+import pytest
+import tensorly as tl
+import torch
+from tensorly.decomposition import partial_tucker, tucker
+from tensorly.tenalg import mode_dot
+
+from lowrank import models
+from lowrank.decompose.tucker import (hooi, hosvd, left_singular_vectors, mode_product, relative_error,
+                                      tucker2_reconstruct, unfold)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors: one thread is faster and steadier than several sharing a core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_weight(shape, seed=0, decay=0.0):
+    """A float64 conv weight; ``decay`` > 0 gives channel spectra that fall off like real kernels."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(shape, generator=g, dtype=torch.float64)
+    if decay:
+        W = W * torch.exp(-decay * torch.arange(shape[0], dtype=torch.float64))[:, None, None, None]
+        W = W * torch.exp(-decay * torch.arange(shape[1], dtype=torch.float64))[None, :, None, None]
+    return W
+
+
+@pytest.fixture(scope="module")
+def resnet56_weights():
+    """The 3×3 conv weights of pretrained ResNet-56 (real weights), as float64."""
+    model = models.resnet56(pretrained=True)
+    return {name: m.weight.detach().double() for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)}
+
+
+def error_of(W, decomposition):
+    return relative_error(W, tucker2_reconstruct(*decomposition))
+
+
+def test_unfold_and_mode_product_match_tensorly():
+    W = random_weight((5, 4, 3, 2))
+    M = torch.randn(6, 4, dtype=torch.float64)
+    with tl.backend_context("numpy"):
+        for mode in range(4):
+            np.testing.assert_allclose(unfold(W, mode).numpy(), tl.base.unfold(W.numpy(), mode))
+        np.testing.assert_allclose(mode_product(W, M, 1).numpy(), mode_dot(W.numpy(), M.numpy(), 1), atol=1e-12)
+
+
+def test_left_singular_vectors_match_the_svd():
+    A = torch.randn(12, 30, dtype=torch.float64)
+    U = left_singular_vectors(A, 5)
+    U_svd = torch.linalg.svd(A, full_matrices=False)[0][:, :5]
+    assert torch.allclose(U.T @ U, torch.eye(5, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(U @ U.T, U_svd @ U_svd.T, atol=1e-10)  # the same subspace
+
+
+@pytest.mark.parametrize("shape", [(8, 6, 3, 3), (5, 12, 3, 1), (16, 3, 3, 3)])
+def test_full_rank_is_exact(shape):
+    W = random_weight(shape)
+    T, S = shape[:2]
+    for decomposition in (hosvd(W, (T, S)), hooi(W, (T, S))):
+        core, U_T, U_S = decomposition
+        assert core.shape == (T, S) + shape[2:]
+        assert torch.allclose(tucker2_reconstruct(core, U_T, U_S), W, atol=1e-10)
+
+
+def test_hooi_factors_are_orthonormal_and_keep_the_dtype():
+    W = random_weight((20, 12, 3, 3)).float()
+    core, U_T, U_S = hooi(W, (7, 5))
+    assert core.dtype == U_T.dtype == U_S.dtype == torch.float32
+    assert torch.allclose(U_T.T @ U_T, torch.eye(7), atol=1e-5)
+    assert torch.allclose(U_S.T @ U_S, torch.eye(5), atol=1e-5)
+    # orthonormal factors: ‖W − Ŵ‖² = ‖W‖² − ‖G‖²
+    assert error_of(W, (core, U_T, U_S)) == pytest.approx(
+        float((1 - core.square().sum() / W.square().sum()).sqrt()), rel=1e-3)
+
+
+def test_hooi_without_sweeps_is_hosvd():
+    W = random_weight((10, 9, 3, 3), decay=0.1)
+    assert torch.allclose(tucker2_reconstruct(*hooi(W, (4, 3), n_iter=0)),
+                          tucker2_reconstruct(*hosvd(W, (4, 3))), atol=1e-10)
+
+
+@pytest.mark.parametrize("ranks", [(1, 1), (3, 5), (8, 2), (12, 11)])
+def test_hooi_error_is_at_most_hosvd_and_falls_with_sweeps(ranks):
+    W = random_weight((16, 12, 3, 3), seed=1, decay=0.05)
+    errors = [error_of(W, hooi(W, ranks, n_iter=n, tol=0)) for n in (0, 1, 2, 5, 20)]
+    assert errors[0] == pytest.approx(error_of(W, hosvd(W, ranks)), abs=1e-12)
+    assert all(later <= earlier + 1e-12 for earlier, later in zip(errors, errors[1:]))
+    assert errors[-1] < errors[0]  # HOSVD is not a fixed point of HOOI on a random weight
+
+
+def test_hooi_beats_hosvd_on_real_weights(resnet56_weights):
+    for name in ("layer1.0.conv1", "layer2.3.conv2", "layer3.8.conv2"):
+        W = resnet56_weights[name]
+        ranks = (W.shape[0] // 2, W.shape[1] // 2)
+        assert error_of(W, hooi(W, ranks)) < error_of(W, hosvd(W, ranks)) - 1e-4, name
+
+
+@pytest.mark.parametrize("ranks", [(4, 3), (10, 6)])
+def test_same_or_lower_error_than_tensorly(resnet56_weights, ranks):
+    for W in (random_weight((24, 16, 3, 3), seed=2, decay=0.05), resnet56_weights["layer2.5.conv1"]):
+        ours = error_of(W, hooi(W, ranks, n_iter=100, tol=1e-10))
+        with tl.backend_context("numpy"):
+            (core, (U_T, U_S)), _ = partial_tucker(W.numpy(), rank=list(ranks), modes=[0, 1],
+                                                   n_iter_max=100, tol=1e-10)
+            full = tucker(W.numpy(), rank=list(ranks) + list(W.shape[2:]), n_iter_max=100, tol=1e-10)
+        theirs = relative_error(W, tucker2_reconstruct(*map(torch.from_numpy, (core, U_T, U_S))))
+        theirs_full = relative_error(W, torch.from_numpy(tl.tucker_to_tensor(full)))
+        assert ours <= theirs + 1e-9
+        assert ours <= theirs_full + 1e-9
+
+
+@pytest.mark.parametrize("decompose", [hosvd, hooi])
+def test_bad_input_raises(decompose):
+    W = random_weight((6, 5, 3, 3))
+    for bad_weight in (W[0], W.reshape(6, 5, 9, 1, 1)):
+        with pytest.raises(ValueError, match="4-D"):
+            decompose(bad_weight, (2, 2))
+    for ranks in [(0, 2), (2, 0), (7, 2), (2, 6), (1.5, 2)]:
+        with pytest.raises(ValueError, match="rank"):
+            decompose(W, ranks)
+    W_nan = W.clone()
+    W_nan[1, 2, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        decompose(W_nan, (2, 2))
+
+
+def test_hooi_bad_options_raise():
+    W = random_weight((6, 5, 3, 3))
+    for options in ({"n_iter": -1}, {"n_iter": 2.5}, {"tol": -1e-3}, {"tol": float("nan")}):
+        with pytest.raises(ValueError):
+            hooi(W, (2, 2), **options)
