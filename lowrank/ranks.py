@@ -151,3 +151,204 @@ class vbmf:
 
     def __repr__(self):
         return "vbmf()"
+
+
+def _gains(s, score: str) -> list:
+    """Share of the layer's total score that each singular value adds: σ_i²/Σσ² (energy) or
+    −p_i log p_i / H with p = σ/Σσ (entropy). ``s`` sorted descending; returns a list."""
+    s = s.double()
+    if score == "energy":
+        terms = s.square()
+    else:
+        p = s / s.sum()
+        terms = -(p * p.clamp_min(1e-300).log())
+    return (terms / terms.sum()).tolist()
+
+
+class _Costs:
+    """Cost of one layer at any rank from a handful of probes (exact, not fitted).
+
+    The SVD layers cost c0 + c1·r (parameters and MACs are linear in r); Tucker-2 costs
+    c0 + c1·rT + c2·rS + c3·rT·rS. The probes at ranks 1 and 2 per mode determine the coefficients.
+    ``params`` decides whether a rank saves anything (the plan keeps the layer dense otherwise),
+    ``cost`` is what the budget counts (params or MACs).
+    """
+
+    def __init__(self, layer, by: str):
+        full = layer.full_rank()
+        self.tucker = isinstance(full, tuple)
+        probe = (lambda r: layer.params(r)) if by == "params" else (lambda r: layer.cost(r))
+        self.dense_params = layer.dense_cost()[0] if by == "macs" else _dense_params(layer)
+        self.dense = self.dense_params if by == "params" else layer.dense_cost()[1]
+        if self.tucker:
+            two = tuple(min(2, f) for f in full)
+            p = {(a, b): probe((a, b)) for a in {1, two[0]} for b in {1, two[1]}}
+            self.coef = [self._solve(p, two, k) for k in range(1 if by == "params" else 2)]
+        else:
+            p = {r: probe(r) for r in {1, min(2, full)}}
+            self.coef = [self._line(p, k) for k in range(1 if by == "params" else 2)]
+
+    @staticmethod
+    def _pick(v, k):
+        return v if isinstance(v, int) else v[k]
+
+    def _line(self, p, k):
+        c1 = self._pick(p[1], k)
+        slope = self._pick(p[2], k) - c1 if 2 in p else 0
+        return (c1 - slope, slope)
+
+    def _solve(self, p, two, k):
+        v = lambda a, b: self._pick(p[(a, b)], k)
+        a2, b2 = two
+        dT = v(2, 1) - v(1, 1) if a2 == 2 else 0
+        dS = v(1, 2) - v(1, 1) if b2 == 2 else 0
+        dTS = v(2, 2) - v(2, 1) - v(1, 2) + v(1, 1) if a2 == b2 == 2 else 0
+        # c(rT, rS) = v(1,1) + dT (rT−1) + dS (rS−1) + dTS (rT−1)(rS−1)
+        return (v(1, 1), dT, dS, dTS)
+
+    def _eval(self, coef, rank):
+        if self.tucker:
+            (a, b), (c, dT, dS, dTS) = rank, coef
+            return c + dT * (a - 1) + dS * (b - 1) + dTS * (a - 1) * (b - 1)
+        c0, c1 = coef
+        return c0 + c1 * rank
+
+    def params(self, rank) -> int:
+        return self._eval(self.coef[0], rank)
+
+    def saves(self, rank) -> bool:
+        return self.params(rank) < self.dense_params
+
+    def __call__(self, rank) -> int:
+        """What the budget counts for the layer at ``rank``: the dense cost if that rank saves nothing."""
+        if not self.saves(rank):
+            return self.dense
+        return self._eval(self.coef[-1], rank)
+
+
+def _dense_params(layer) -> int:
+    m = layer.module
+    return m.weight.numel() + (m.bias.numel() if getattr(m, "bias", None) is not None else 0)
+
+
+class budget:
+    """Ranks for every layer at once so that the factorized layers cost ``fraction`` of the
+    selected layers' dense parameters (``by="params"``) or MACs (``by="macs"``).
+
+    ``method="greedy"`` (default): start every layer at rank 1 — (1, 1) for Tucker-2 — and
+    repeatedly take the rank step with the largest gain per unit cost, while it fits the budget.
+    The gain of a step is the *relative* score it adds to its layer: σ_{r+1}² / Σ_i σ_i² for
+    ``score="energy"`` (the entropy term's share for ``score="entropy"``), so that every layer
+    counts the same whatever the scale of its weights and the objective is the sum over layers of
+    the share of energy each keeps. A Tucker-2 layer grows either mode; its score is
+    e_T(rT) + e_S(rS) − 1, the lower bound on the energy Tucker-2 keeps (HOSVD error bound). A step
+    to a rank that saves no parameters makes the layer dense (score 1, dense cost), as the plan does.
+    The result costs at most the budget and less than one rank step below it.
+
+    ``method="bisect"``: one threshold τ for every layer, ARSVD's ``energy(τ)`` rule, the largest
+    τ (by bisection) whose ranks fit the budget.
+
+    Raises ``ValueError`` when even rank 1 everywhere exceeds the budget (the message says the
+    smallest possible fraction).
+    """
+
+    def __init__(self, fraction: float, by: str = "params", score: str = "energy", method: str = "greedy"):
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+        if by not in ("params", "macs"):
+            raise ValueError(f"by must be 'params' or 'macs', got {by!r}")
+        if score not in ("energy", "entropy"):
+            raise ValueError(f"score must be 'energy' or 'entropy', got {score!r}")
+        if method not in ("greedy", "bisect"):
+            raise ValueError(f"method must be 'greedy' or 'bisect', got {method!r}")
+        self.fraction, self.by, self.score, self.method = float(fraction), by, score, method
+
+    def __repr__(self):
+        return f"budget({self.fraction}, by={self.by!r}, score={self.score!r}, method={self.method!r})"
+
+    def allocate(self, layers) -> dict:
+        """{layer name: rank} meeting the budget (see the class docstring)."""
+        import torch
+
+        for layer in layers:
+            if layer.full_rank() is None:
+                raise ValueError(f"{layer.name}: method {layer.method!r} has no spectrum to allocate ranks by")
+        gains = [[_gains(torch.linalg.svdvals(M.detach().double()), self.score) for M in layer.matrices()]
+                 for layer in layers]
+        costs = [_Costs(layer, self.by) for layer in layers]
+        target = self.fraction * sum(c.dense for c in costs)
+        start = [(1, 1) if c.tucker else 1 for c in costs]
+        least = sum(c(r) for c, r in zip(costs, start))
+        if least > target:
+            total = sum(c.dense for c in costs)
+            raise ValueError(f"a budget of {self.fraction:.4g} of the {self.by} is below the minimum: rank 1 "
+                             f"everywhere keeps {least / total:.4f} ({least:,} of {total:,} {self.by})")
+        choose = self._greedy if self.method == "greedy" else self._bisect
+        ranks = choose(layers, gains, costs, start, target)
+        return {layer.name: r for layer, r in zip(layers, ranks)}
+
+    def _greedy(self, layers, gains, costs, start, target):
+        import heapq
+
+        ranks, dense = list(start), [False] * len(layers)
+        spent = sum(c(r) for c, r in zip(costs, ranks))
+        heap = []
+
+        def push(i):
+            """Queue every possible next step of layer i as (−gain per cost, i, mode, new rank)."""
+            if dense[i]:
+                return
+            c, r, g = costs[i], ranks[i], gains[i]
+            here = sum(sum(gm[:k]) for gm, k in zip(g, r if c.tucker else (r,)))
+            for mode in range(len(g)):
+                k = r[mode] if c.tucker else r
+                if k >= len(g[mode]):
+                    continue
+                new = tuple(k + 1 if m == mode else v for m, v in enumerate(r)) if c.tucker else k + 1
+                gain = (len(g) - here) if not c.saves(new) else g[mode][k]  # dense: score 1 per mode
+                step = c(new) - c(r)
+                heapq.heappush(heap, (-gain / max(step, 1e-12), i, mode, r, new, step))
+
+        for i in range(len(layers)):
+            push(i)
+        while heap:
+            _, i, mode, old, new, step = heapq.heappop(heap)
+            if dense[i] or ranks[i] != old:
+                continue  # stale: the layer moved since this step was queued
+            if spent + step > target:
+                continue  # does not fit; smaller steps of other layers may
+            spent += step
+            if costs[i].saves(new):
+                ranks[i] = new
+            else:
+                dense[i] = True
+                ranks[i] = tuple(len(g) for g in gains[i]) if costs[i].tucker else len(gains[i][0])
+            push(i)
+        return ranks
+
+    def _bisect(self, layers, gains, costs, start, target):
+        def ranks_at(tau):
+            rs = []
+            for c, g in zip(costs, gains):
+                r = tuple(_first_reaching(gm, tau) for gm in g)
+                rs.append(r if c.tucker else r[0])
+            return rs
+
+        spend = lambda rs: sum(c(r) for c, r in zip(costs, rs))
+        lo, hi = 0.0, 1.0
+        if spend(ranks_at(hi)) <= target:
+            return ranks_at(hi)
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if spend(ranks_at(mid)) <= target else (lo, mid)
+        return ranks_at(lo) if lo > 0 else list(start)
+
+
+def _first_reaching(shares: list, tau: float) -> int:
+    """Smallest k ≥ 1 with shares[0] + … + shares[k−1] ≥ τ (shares sum to 1)."""
+    total = 0.0
+    for k, v in enumerate(shares):
+        total += v
+        if total >= tau - 1e-12:
+            return k + 1
+    return len(shares)

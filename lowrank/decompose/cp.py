@@ -4,7 +4,7 @@ A rank-R CP of an order-N tensor W [I_0, ..., I_{N-1}] is
 
     W ≈ Σ_q λ_q a⁽⁰⁾_q ∘ a⁽¹⁾_q ∘ ... ∘ a⁽ᴺ⁻¹⁾_q,
 
-kept as ``weights`` λ [R] and ``factors`` A_n [I_n, R] with unit-norm columns.
+kept as ``weights`` λ [R] and ``factors`` A_n [I_n, R] with unit-norm columns a⁽ⁿ⁾_q.
 """
 import math
 import warnings
@@ -15,18 +15,25 @@ import torch
 from .svd import check_rank, check_weight
 from .tucker import unfold
 
+# Line search (extrapolation) step: grows ×2 after a kept step, shrinks ×1/4 after a rejected one.
+MAX_STEP, MIN_STEP = 8.0, 0.05
+# Degeneracy: a pair of components whose energy is this many times the energy of their sum, or
+# Σ_q |λ_q| / ‖W‖ above this many times √R (R orthogonal components of equal weight give √R).
+PAIR_CANCELLATION, WEIGHT_RATIO = 10.0, 10.0
+
 
 class CPDegeneracyWarning(UserWarning):
-    """CP-ALS ended with a poor fit or with components that cancel each other (degeneracy)."""
+    """CP-ALS ended with components that cancel each other (degeneracy) or with a useless fit."""
 
 
 @dataclass
 class CPResult:
     """A CP decomposition and how it was reached.
 
-    ``weights`` [R]; ``factors`` list of [I_n, R] with unit-norm columns; ``relative_error``
-    ‖W − Ŵ‖_F / ‖W‖_F of the returned factors; ``n_iter`` ALS sweeps done; ``converged`` whether
-    the stopping rule fired before ``n_iter_max``; ``history`` the relative error after each sweep.
+    ``weights`` λ [R]; ``factors`` list of A_n [I_n, R] with unit-norm columns; ``relative_error``
+    ‖W − Ŵ‖_F / ‖W‖_F of the returned decomposition; ``n_iter`` ALS sweeps done; ``converged``
+    whether the stopping rule fired before ``n_iter_max``; ``history`` the relative error after
+    each sweep.
     """
 
     weights: torch.Tensor
@@ -41,18 +48,18 @@ class CPResult:
         return cp_reconstruct(self.weights, self.factors)
 
 
-def khatri_rao(matrices) -> torch.Tensor:
-    """Column-wise Kronecker product of [I_k, R] matrices → [Π I_k, R], the first index slowest."""
-    K = matrices[0]
-    for M in matrices[1:]:
-        K = (K[:, None, :] * M[None, :, :]).reshape(-1, K.shape[1])
+def _khatri_rao_rows(factors) -> torch.Tensor:
+    """Row-wise Kronecker product of [R, I_k] matrices → [R, Π I_k], the first index slowest."""
+    K = factors[0]
+    for F in factors[1:]:
+        K = (K[:, :, None] * F[:, None, :]).reshape(K.shape[0], -1)
     return K
 
 
 def cp_reconstruct(weights: torch.Tensor, factors) -> torch.Tensor:
     """``Σ_q λ_q a⁽⁰⁾_q ∘ ... ∘ a⁽ᴺ⁻¹⁾_q``: weights [R], factors [I_n, R] → tensor [I_0, ..., I_{N-1}]."""
     shape = [A.shape[0] for A in factors]
-    return ((factors[0] * weights) @ khatri_rao(factors[1:]).T).reshape(shape)
+    return ((factors[0] * weights) @ _khatri_rao_rows([A.T for A in factors[1:]])).reshape(shape)
 
 
 def _start(W: torch.Tensor, rank: int, init: str, seed: int):
@@ -68,19 +75,11 @@ def _start(W: torch.Tensor, rank: int, init: str, seed: int):
         A = torch.randn(rank, W.shape[n], generator=generator, dtype=W.dtype).to(W.device)
         if init == "svd":
             Wn = unfold(W, n)
-            U = torch.linalg.eigh(Wn @ Wn.T)[1].flip(1)     # descending eigenvalues
+            U = torch.linalg.eigh(Wn @ Wn.T)[1].flip(1)     # by descending eigenvalue
             k = min(rank, W.shape[n])
             A = torch.cat([U[:, :k].T, A[k:]])
         factors.append(A / torch.linalg.vector_norm(A, dim=1, keepdim=True))
     return factors
-
-
-def _khatri_rao_rows(factors) -> torch.Tensor:
-    """Row-wise Kronecker product of [R, I_k] matrices → [R, Π I_k], the first index slowest."""
-    K = factors[0]
-    for F in factors[1:]:
-        K = (K[:, :, None] * F[:, None, :]).reshape(K.shape[0], -1)
-    return K
 
 
 def cp_als(W: torch.Tensor, rank: int, n_iter_max: int = 500, tol: float = 1e-6,
@@ -88,18 +87,22 @@ def cp_als(W: torch.Tensor, rank: int, n_iter_max: int = 500, tol: float = 1e-6,
            line_search: bool = True) -> CPResult:
     """Rank-``rank`` CP of a tensor W [I_0, ..., I_{N-1}] (N ≥ 3) by alternating least squares.
 
-    Each sweep solves modes 0, ..., N-1 in turn: A_n = MTTKRP_n (⊛_{k≠n} A_kᵀA_k + ε I)⁻¹, the
-    Gram matrix a Hadamard product of factor Grams, solved by Cholesky with a ridge ε = ``ridge``
-    (the Gram's diagonal is 1: columns are normalised into ``weights`` after every solve).
-    MTTKRPs come from W seen once as a [first half of modes, second half] matrix: one matmul per
-    half per sweep, no Khatri–Rao product of more than half the modes. The fit comes from Grams
-    and the last MTTKRP (no reconstruction). ``line_search``: extrapolate modes 1..N-1 along the
-    last sweep's change (Bro 1998) and keep the step only if it lowers the error.
-    Stops when the relative error changes by less than ``tol`` between sweeps.
-    Computes in float64; returns W's dtype and device.
+    A sweep updates modes 0, ..., N-1 in turn: A_n ← MTTKRP_n (V_n + εI)⁻¹ with V_n = ⊛_{k≠n} A_kᵀA_k
+    (Hadamard product of factor Grams) by a Cholesky factorisation, then normalises the columns
+    into the weights. The columns have unit norm, so V_n has a unit diagonal and the ridge
+    ε = ``ridge`` × (relative error of the previous sweep) is relative to its scale; it vanishes
+    as the fit becomes exact. MTTKRPs: W_(1) times A_1 gives mode 0's; W_(0) times the new A_0,
+    contracted one mode at a time, gives all the others (two matmuls with W per sweep, no
+    Khatri–Rao product of the large modes). The error comes from the last MTTKRP, no reconstruction.
 
-    Warns with :class:`CPDegeneracyWarning` when components cancel (Σ_q |λ_q| / ‖W‖_F large) or
-    the fit is no better than zero. Returns a :class:`CPResult`.
+    ``line_search``: before a sweep, move modes 1..N-1 further along the previous sweep's change
+    (Bro 1998) and keep the move only if the error after solving mode 0 is lower than before.
+    ``init``: ``"svd"`` (leading left singular vectors of each unfolding, seeded Gaussian columns
+    where R > I_n) or ``"random"``. Stops when the relative error changes by less than ``tol``
+    between sweeps (TensorLy's ``parafac`` rule). Computes in float64; returns W's dtype and device.
+
+    Warns with :class:`CPDegeneracyWarning` when components cancel each other (degeneracy) or the
+    fit is no better than zero. Returns a :class:`CPResult`.
     """
     if W.dim() < 3:
         raise ValueError(f"CP needs a tensor of order 3 or more, got shape {tuple(W.shape)}")
@@ -123,15 +126,15 @@ def cp_als(W: torch.Tensor, rank: int, n_iter_max: int = 500, tol: float = 1e-6,
     X0 = X.reshape(shape[0], -1)                             # W_(0) [I_0, I_1·...·I_{N-1}]
     X1 = X.movedim(1, 0).reshape(shape[1], -1)               # W_(1) [I_1, I_0·I_2·...·I_{N-1}]
     F = _start(X, rank, init, seed)                          # factors, transposed: [R, I_n]
-    G = [f @ f.mT for f in F]                                # Grams [R, R]
-    tiny = torch.finfo(X.dtype).tiny
+    G = [f @ f.mT for f in F]                                # their Grams [R, R]
     eye = torch.eye(rank, dtype=X.dtype, device=X.device)
+    tiny = torch.finfo(X.dtype).tiny
 
     def solve(n, M):
-        """Least-squares update of mode n from its MTTKRP M [R, I_n]; returns what ``error`` needs."""
+        """Update mode n from its MTTKRP M [R, I_n]; returns (λ [R, 1], B [R, I_n], M)."""
         others = [G[k] for k in range(N) if k != n]
-        V = torch.addcmul(eps * eye, math.prod(others[:-1]), others[-1])  # ⊛_{k≠n} G_k + εI [R, R]
-        B = torch.cholesky_inverse(torch.linalg.cholesky_ex(V)[0]) @ M   # [R, I_n], unnormalised
+        V = torch.addcmul(eps * eye, math.prod(others[:-1]), others[-1])     # V_n + εI [R, R]
+        B = torch.cholesky_inverse(torch.linalg.cholesky_ex(V)[0]) @ M     # unnormalised A_nᵀ
         lam = torch.linalg.vector_norm(B, dim=1, keepdim=True).clamp_min_(tiny)
         F[n] = B / lam
         G[n] = F[n] @ F[n].mT
@@ -141,31 +144,30 @@ def cp_als(W: torch.Tensor, rank: int, n_iter_max: int = 500, tol: float = 1e-6,
         """Relative error after a solve: ‖X − X̂‖² = ‖X‖² − ⟨B, M⟩ − ε‖B‖², as (V + εI)B = M."""
         return math.sqrt(max(norm_X2 - float((B * M).sum() + eps * lam.square().sum()), 0.0) / norm_X2)
 
-    def mode0():
-        """Update mode 0 from W_(1) contracted with A_1, then with A_2 ⊙ ... ⊙ A_{N-1}."""
-        Z = (F[1] @ X1).view(rank, shape[0], -1)                        # [R, I_0, I_2·...]
+    def solve_mode0():
+        Z = (F[1] @ X1).view(rank, shape[0], -1)             # W ×₁ A_1: [R, I_0, I_2·...]
         return solve(0, (Z @ _khatri_rao_rows(F[2:])[:, :, None])[:, :, 0])
 
     history, converged, step, previous = [], False, 1.0, None
     for it in range(int(n_iter_max)):
-        eps = ridge * (history[-1] if history else 1.0)     # ridge ∝ residual: vanishes at an exact fit
+        eps = ridge * (history[-1] if history else 1.0)
         current = (F[1:], G[1:])
         extrapolate = line_search and previous is not None
-        if extrapolate:                                      # A_n + step (A_n − A_n of the sweep before)
+        if extrapolate:                                      # A_n + step (A_n − A_n one sweep ago)
             for n in range(1, N):
                 F[n] = torch.lerp(previous[n - 1], F[n], 1 + step)
                 G[n] = F[n] @ F[n].mT
-        out = mode0()
+        out = solve_mode0()
         if extrapolate:
             if error(*out) < history[-1]:
-                step = min(_GROW * step, _MAX_STEP)
-            else:                                            # reject the step: plain ALS sweep
+                step = min(2 * step, MAX_STEP)
+            else:                                            # reject the move: plain ALS sweep
                 F[1:], G[1:] = list(current[0]), list(current[1])
-                step = max(step * _SHRINK, _MIN_STEP)
-                out = mode0()
+                step = max(step / 4, MIN_STEP)
+                out = solve_mode0()
         previous = current[0]
-        Z = F[0] @ X0                                        # [R, I_1·...·I_{N-1}]
-        for n in range(1, N):                                # Z: W contracted with A_0, ..., A_{n-1}
+        Z = F[0] @ X0                                        # W ×₀ A_0: [R, I_1·...·I_{N-1}]
+        for n in range(1, N):                                # Z = W ×₀ A_0 ... ×_{n-1} A_{n-1}
             Z = Z.view(rank, shape[n], -1)
             M = Z[:, :, 0] if n == N - 1 else (Z @ _khatri_rao_rows(F[n + 1:])[:, :, None])[:, :, 0]
             out = solve(n, M)
@@ -175,29 +177,43 @@ def cp_als(W: torch.Tensor, rank: int, n_iter_max: int = 500, tol: float = 1e-6,
             converged = True
             break
 
-    lam = out[0][:, 0]
-    weights, factors = lam, [f.T for f in F]
+    weights, factors = out[0][:, 0], [f.T for f in F]
     relative_error = float(torch.linalg.vector_norm(X - cp_reconstruct(weights, factors))) / math.sqrt(norm_X2)
-    norm_ratio = float(weights.abs().sum()) / math.sqrt(norm_X2)
-    if not math.isfinite(relative_error) or relative_error >= 1.0 or norm_ratio > 10 * math.sqrt(rank):
-        warnings.warn(
-            f"CP-ALS rank {rank}: relative error {relative_error:.3g}, sum of |weights| / ‖W‖ = "
-            f"{norm_ratio:.3g} (components cancel each other: the CP is degenerate or the fit is poor)",
-            CPDegeneracyWarning, stacklevel=2)
-    return CPResult(weights.to(W.dtype), [a.to(W.dtype) for a in factors], relative_error,
+    _check_degeneracy(weights, factors, relative_error, math.sqrt(norm_X2))
+    return CPResult(weights.to(W.dtype), [A.to(W.dtype) for A in factors], relative_error,
                     it + 1, converged, history)
 
 
-_MAX_STEP, _MIN_STEP, _GROW, _SHRINK = 8.0, 0.05, 2.0, 0.25
+def _check_degeneracy(weights, factors, relative_error, norm_W):
+    """Warn (:class:`CPDegeneracyWarning`) if components cancel each other or the fit is useless.
+
+    Pair (p, q): cancellation (λ_p² + λ_q²) / ‖λ_p u_p + λ_q u_q‖², where the congruence
+    ⟨u_p, u_q⟩ = Π_n ⟨a⁽ⁿ⁾_p, a⁽ⁿ⁾_q⟩ of the rank-one terms is a product of factor Grams.
+    """
+    R = weights.shape[0]
+    congruence = math.prod(A.T @ A for A in factors)         # [R, R], unit diagonal
+    energy = weights.square()
+    pair_energy = energy[:, None] + energy[None, :]
+    pair = (pair_energy / (pair_energy + 2 * torch.outer(weights, weights) * congruence).clamp_min(1e-300))
+    pair = float(pair.fill_diagonal_(0).max()) if R > 1 else 1.0
+    ratio = float(weights.abs().sum()) / norm_W
+    if (math.isfinite(relative_error) and relative_error < 1.0 and pair < PAIR_CANCELLATION
+            and ratio < WEIGHT_RATIO * math.sqrt(R)):
+        return
+    warnings.warn(
+        f"CP rank {R}: relative error {relative_error:.3g}, sum of |weights| / ‖W‖ = {ratio:.3g}, "
+        f"worst pair of components has {pair:.3g}× the energy of its sum: the components cancel "
+        f"each other (degenerate CP) or the fit is poor; try a lower rank or a larger ridge",
+        CPDegeneracyWarning, stacklevel=3)
 
 
 def conv_cp(W: torch.Tensor, rank: int, form: str = "4way", **kw) -> CPResult:
-    """CP of a conv kernel W [T, S, kh, kw].
+    """CP of a conv kernel W [T, S, kh, kw]; keyword arguments go to :func:`cp_als`.
 
     ``form="4way"``: factors in the order T [T, R], S [S, R], kh [kh, R], kw [kw, R].
     ``form="3way"``: the kernel positions merged first, W.reshape(T, S, kh·kw); factors
     T [T, R], S [S, R], kh·kw [kh·kw, R] with row i·kw + j for kernel position (i, j).
-    Keyword arguments go to :func:`cp_als`. Returns a :class:`CPResult`.
+    Returns a :class:`CPResult`.
     """
     check_weight(W, 4)
     if form == "4way":
