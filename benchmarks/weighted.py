@@ -11,19 +11,25 @@ all errors relative Σ-errors ‖(W − Ŵ) Σ^{1/2}‖ / ‖W Σ^{1/2}‖:
 - wall time of `whitening` + `weighted_tucker2` summed over the 54 layers, on 1 and on 2 threads.
 Then CP (4-way) at rank R = T on one conv per stage: `conv_cp` (Frobenius CP-ALS, also the start)
 against `weighted_cp` with its defaults.
+OpenMP threads sleep instead of spinning while they wait (OMP_WAIT_POLICY=PASSIVE, unless set):
+on a shared machine spinning threads make 2-thread linear algebra many times slower than 1 thread.
 Run: LOWRANK_DATA=/work/shared/data .venv/bin/python benchmarks/weighted.py
 """
-import pathlib
-import time
-import warnings
+import os
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when the OpenMP runtime starts
 
-from lowrank import data, models
-from lowrank.decompose.cp import CPDegeneracyWarning, conv_cp
-from lowrank.decompose.tucker import hooi, hosvd, tucker2_reconstruct
-from lowrank.decompose.weighted import weighted_cp, weighted_error, weighted_tucker2, whitening
-from lowrank.stats import calibrate
+import pathlib  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+
+import torch  # noqa: E402
+
+from lowrank import data, models  # noqa: E402
+from lowrank.decompose.cp import CPDegeneracyWarning, conv_cp  # noqa: E402
+from lowrank.decompose.tucker import hooi, hosvd, tucker2_reconstruct  # noqa: E402
+from lowrank.decompose.weighted import weighted_cp, weighted_error, weighted_tucker2, whitening  # noqa: E402
+from lowrank.stats import calibrate  # noqa: E402
 
 IMAGES = 256
 
@@ -36,15 +42,16 @@ stats = calibrate(model, data.cifar10("train", limit=IMAGES), layers=list(convs)
 calibration_s = time.perf_counter() - start
 sigmas = {name: s.sigma for name, s in stats.items()}
 
-rows, seconds = {}, {}
+rows, seconds, cpu_seconds = {}, {}, {}
 for threads in (1, 2):
     torch.set_num_threads(threads)
-    seconds[threads] = 0.0
+    seconds[threads] = cpu_seconds[threads] = 0.0
     for name, W in convs.items():
         T, S = W.shape[:2]
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         core, U_T, U_S, history = weighted_tucker2(W, whitening(sigmas[name]), (T // 2, S // 2))
         seconds[threads] += time.perf_counter() - start
+        cpu_seconds[threads] += time.process_time() - cpu_start
         if threads == 1:
             Sigma = sigmas[name]
             rows[name] = dict(
@@ -71,7 +78,9 @@ for stage in ("layer1", "layer2", "layer3"):
 lines += ["",
           f"Time for `whitening` + `weighted_tucker2` (defaults: n_iter=20, tol=1e-6) over all "
           f"{len(convs)} layers: **{seconds[1]:.1f} s on 1 thread, {seconds[2]:.1f} s on 2 threads** "
-          "(a shared machine: the 2-thread figure varies most with the load).",
+          f"wall clock; CPU time {cpu_seconds[1]:.1f} s and {cpu_seconds[2]:.1f} s "
+          f"(OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; a shared machine, load average "
+          f"{os.getloadavg()[0]:.1f} at the end).",
           "",
           "| layer | T×S | CP rank | conv_cp Σ-error | weighted_cp Σ-error | sweeps | weighted_cp time (s, 1 thread) |",
           "|---|---|---|---|---|---|---|"]

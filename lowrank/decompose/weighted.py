@@ -42,8 +42,10 @@ W̃ = U_T C Kᵀ with C = G_(T) [rT, rS·k] (k = kh·kw) and K = U_S ⊗ I_k [d,
   solved densely (at most S²/4 = 1,024 unknowns for a 64-channel layer). U_S is then
   orthonormalised by QR (the next step absorbs the triangle into G).
 
-Each step minimises the error over its block, so the error never increases. When Σ = I both
-steps reduce to HOOI's; for rS = S (U_S = I) the first step is already the global optimum.
+Each step minimises the error over its block, so the error never increases. When Σ = I the
+first step is HOOI's U_T update and the second a least-squares move of U_S towards the same
+optimum (HOOI instead takes an SVD, which needs a Kronecker Σ). For rS = S (U_S = I) the first
+step is already the global optimum.
 
 **CP** (:func:`weighted_cp`). W̃ = A Mᵀ with A [T, R] (the output factor, weights included)
 and M = B ⊙ C ⊙ D [d, R] the Khatri–Rao product of the input factors (rows (s, i, j);
@@ -56,10 +58,10 @@ and M = B ⊙ C ⊙ D [d, R] the Khatri–Rao product of the input factors (rows
 
       Σ_r (a_qᵀ a_r) J_qᵀ Σ J_r x_r = J_qᵀ Σ Wᵀ a_q        for every q
 
-  couple all components through Σ (I_n·R unknowns, 8,768 for S = 64, R = 137). With
-  Σ = I (or any Kronecker Σ) J_qᵀ Σ J_r collapses to (c_qᵀ c_r)(d_qᵀ d_r) I and this is the usual
-  Hadamard-of-Grams CP-ALS step. In general we solve the system by one Gauss–Seidel sweep over
-  the components: with the residual E = W − A Mᵀ,
+  couple all components through Σ. With Σ = I, J_qᵀ J_r = (c_qᵀ c_r)(d_qᵀ d_r) I and this is
+  the usual CP-ALS step with its R × R Hadamard product of Grams. In general the system has
+  I_n·R unknowns (8,768 for S = 64, R = 137: too many for a dense solve), so we take one
+  Gauss–Seidel sweep over the components instead: with the residual E = W − A Mᵀ,
 
       x_q ← x_q + (‖a_q‖² J_qᵀ Σ J_q)⁻¹ J_qᵀ Σ Eᵀ a_q,
 
@@ -76,13 +78,13 @@ Computation is in float64 on W's device; results come back in W's dtype.
 """
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from .cp import CPDegeneracyWarning, CPResult, conv_cp, khatri_rao
+from .cp import CPDegeneracyWarning, CPResult, conv_cp
 from .svd import check_rank, check_weight
-from .tucker import hosvd, tucker2_reconstruct
+from .tucker import hosvd, mode_product, tucker2_reconstruct
 
 
 @dataclass
@@ -93,7 +95,8 @@ class Whitening:
     ``floored`` [d] the eigenvalues used (≥ ``floor``); ``condition`` λ_max / λ_min after the
     floor (at most 1 / rel_floor); ``raw_condition`` the same before it (inf if Σ is singular);
     ``effective_rank`` exp of the entropy of λ / Σλ (Roy & Vetterli 2007): d for Σ = I, 1 for a
-    rank-one Σ, in between for a decaying spectrum. All tensors float64 on Σ's device.
+    rank-one Σ, in between for a decaying spectrum. All tensors float64 on Σ's device; the
+    decompositions move them to the weight's device.
     """
 
     L: torch.Tensor
@@ -177,14 +180,24 @@ def whitening(Sigma: torch.Tensor, rel_floor: float = 1e-10) -> Whitening:
                      raw_condition=raw_condition, effective_rank=float(entropy.exp()))
 
 
-def _as_whitening(Sigma, rel_floor: float, d: int) -> Whitening:
-    """A :class:`Whitening` of Σ (computed here if a tensor is given), checked to be [d, d]."""
+def _as_whitening(Sigma, rel_floor: float, d: int, device) -> Whitening:
+    """A :class:`Whitening` of Σ on ``device`` (computed here if a tensor is given), checked [d, d]."""
     if isinstance(Sigma, Whitening):
         if Sigma.L.shape[0] != d:
             raise ValueError(f"Σ is {tuple(Sigma.L.shape)} but the weight has d = {d} inputs per output")
-        return Sigma
-    _check_sigma(Sigma, d)
-    return whitening(Sigma, rel_floor)
+        return replace(Sigma, **{f: getattr(Sigma, f).to(device)
+                                 for f in ("L", "eigenvectors", "eigenvalues", "floored")})
+    if isinstance(Sigma, torch.Tensor) and Sigma.dim() == 2 and Sigma.shape[0] != d:
+        raise ValueError(f"Σ is {tuple(Sigma.shape)} but the weight has d = {d} inputs per output")
+    return whitening(Sigma.to(device) if isinstance(Sigma, torch.Tensor) else Sigma, rel_floor)
+
+
+def khatri_rao(factors) -> torch.Tensor:
+    """Column-wise Kronecker product of [I_k, R] matrices → [Π I_k, R], the first index slowest."""
+    K = factors[0]
+    for F in factors[1:]:
+        K = (K[:, None, :] * F[None, :, :]).reshape(-1, K.shape[1])
+    return K
 
 
 def _to64(W: torch.Tensor) -> torch.Tensor:
@@ -244,8 +257,8 @@ def weighted_svd(W: torch.Tensor, Sigma, rank: int, rel_floor: float = 1e-10):
     """
     check_weight(W, 2)
     rank = check_rank(rank, min(W.shape))
-    wh = _as_whitening(Sigma, rel_floor, W.shape[1])
-    W64 = _to64(W).to(wh.L.device)
+    wh = _as_whitening(Sigma, rel_floor, W.shape[1], W.device)
+    W64 = _to64(W)
     U = torch.linalg.svd(wh.whiten(W64), full_matrices=False)[0][:, :rank]
     return U.to(W.dtype), (U.T @ W64).to(W.dtype)
 
@@ -263,7 +276,7 @@ def weighted_tucker2(W: torch.Tensor, Sigma, ranks, n_iter: int = 20, tol: float
 
     Σ [S·kh·kw, S·kh·kw] (or a :class:`Whitening`), ``ranks = (rT, rS)``. Starts from
     :func:`~lowrank.decompose.tucker.hosvd`; each iteration solves (U_T, G) in closed form, then
-    U_S from its S·rS normal equations (see the module docstring). rS = S keeps U_S = I and
+    moves U_S by the solution of (S − rS)·rS normal equations (see the module docstring). rS = S keeps U_S = I and
     needs one step. Stops after ``n_iter`` iterations or when the relative Σ-error improves by
     less than ``tol`` (relative to its value).
 
@@ -277,9 +290,9 @@ def weighted_tucker2(W: torch.Tensor, Sigma, ranks, n_iter: int = 20, tol: float
     rT = check_rank(ranks[0], T, "output rank")
     rS = check_rank(ranks[1], S, "input rank")
     k, d = kh * kw, S * kh * kw
-    wh = _as_whitening(Sigma, rel_floor, d)
+    wh = _as_whitening(Sigma, rel_floor, d, W.device)
     Sig = wh.sigma
-    W2 = _to64(W).to(Sig.device).reshape(T, d)
+    W2 = _to64(W).reshape(T, d)
     WSig = W2 @ Sig                                           # [T, d], fixed
     total = (WSig * W2).sum()
     if total <= 0:
@@ -290,8 +303,9 @@ def weighted_tucker2(W: torch.Tensor, Sigma, ranks, n_iter: int = 20, tol: float
         return tucker2_reconstruct(core, U_T, U_S).reshape(T, d)
 
     core, U_T, U_S = (t.to(W2) for t in hosvd(_to64(W), (rT, rS)))
-    if rS == S:
+    if rS == S:   # one-sided: U_S = I, the HOSVD start becomes G = W ×₁ U_Tᵀ
         U_S = torch.eye(S, dtype=W2.dtype, device=W2.device)
+        core = mode_product(W2.reshape(W.shape), U_T.T, 0)
     history = [_error(W2 - reconstruct(core, U_T, U_S), Sig, total)]
     best = (history[0], core, U_T, U_S)
     for _ in range(int(n_iter)):
@@ -347,9 +361,9 @@ def weighted_cp(W: torch.Tensor, Sigma, rank: int, form: str = "4way", n_iter: i
     T, S, kh, kw = W.shape
     d = S * kh * kw
     shape = (S, kh, kw) if form == "4way" else (S, kh * kw)          # input modes
-    wh = _as_whitening(Sigma, rel_floor, d)
+    wh = _as_whitening(Sigma, rel_floor, d, W.device)
     Sig = wh.sigma
-    W2 = _to64(W).to(Sig.device).reshape(T, d)
+    W2 = _to64(W).reshape(T, d)
     total = ((W2 @ Sig) * W2).sum()
     if total <= 0:
         raise ValueError("W is zero")
