@@ -153,6 +153,16 @@ class vbmf:
         return "vbmf()"
 
 
+def _singular_values(M):
+    """Singular values of M [a, b], descending, from the eigenvalues of the smaller Gram matrix
+    (in float64: several times faster than an SVD, and exact enough for shares of energy)."""
+    import torch
+
+    M = M.detach().double()
+    gram = M @ M.T if M.shape[0] <= M.shape[1] else M.T @ M
+    return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt()
+
+
 def _gains(s, score: str) -> list:
     """Share of the layer's total score that each singular value adds: σ_i²/Σσ² (energy) or
     −p_i log p_i / H with p = σ/Σσ (entropy). ``s`` sorted descending; returns a list."""
@@ -166,55 +176,45 @@ def _gains(s, score: str) -> list:
 
 
 class _Costs:
-    """Cost of one layer at any rank from a handful of probes (exact, not fitted).
+    """Cost of one layer at any rank, exact and cheap.
 
     The SVD layers cost c0 + c1·r (parameters and MACs are linear in r); Tucker-2 costs
-    c0 + c1·rT + c2·rS + c3·rT·rS. The probes at ranks 1 and 2 per mode determine the coefficients.
-    ``params`` decides whether a rank saves anything (the plan keeps the layer dense otherwise),
-    ``cost`` is what the budget counts (params or MACs).
+    c0 + c1·(rT−1) + c2·(rS−1) + c3·(rT−1)(rS−1). Parameters come in closed form from the layer's
+    configuration; MACs from probes at ranks 1 and 2 per mode (a few meta-device builds).
+    ``saves(rank)``: whether that rank saves parameters (the plan keeps the layer dense
+    otherwise); calling the object gives what the budget counts (params or MACs).
     """
 
     def __init__(self, layer, by: str):
         full = layer.full_rank()
         self.tucker = isinstance(full, tuple)
-        probe = (lambda r: layer.params(r)) if by == "params" else (lambda r: layer.cost(r))
-        self.dense_params = layer.dense_cost()[0] if by == "macs" else _dense_params(layer)
-        self.dense = self.dense_params if by == "params" else layer.dense_cost()[1]
-        if self.tucker:
-            two = tuple(min(2, f) for f in full)
-            p = {(a, b): probe((a, b)) for a in {1, two[0]} for b in {1, two[1]}}
-            self.coef = [self._solve(p, two, k) for k in range(1 if by == "params" else 2)]
-        else:
-            p = {r: probe(r) for r in {1, min(2, full)}}
-            self.coef = [self._line(p, k) for k in range(1 if by == "params" else 2)]
-
-    @staticmethod
-    def _pick(v, k):
-        return v if isinstance(v, int) else v[k]
-
-    def _line(self, p, k):
-        c1 = self._pick(p[1], k)
-        slope = self._pick(p[2], k) - c1 if 2 in p else 0
-        return (c1 - slope, slope)
-
-    def _solve(self, p, two, k):
-        v = lambda a, b: self._pick(p[(a, b)], k)
-        a2, b2 = two
-        dT = v(2, 1) - v(1, 1) if a2 == 2 else 0
-        dS = v(1, 2) - v(1, 1) if b2 == 2 else 0
-        dTS = v(2, 2) - v(2, 1) - v(1, 2) + v(1, 1) if a2 == b2 == 2 else 0
-        # c(rT, rS) = v(1,1) + dT (rT−1) + dS (rS−1) + dTS (rT−1)(rS−1)
-        return (v(1, 1), dT, dS, dTS)
+        self.dense_params, self.coef = _params_form(layer)
+        self.dense = self.dense_params
+        self.macs = None
+        if by == "macs":
+            self.dense = layer.dense_cost()[1]
+            probe = lambda r: layer.cost(r)[1]
+            if self.tucker:
+                two = tuple(min(2, f) for f in full)
+                v = {(a, b): probe((a, b)) for a in {1, two[0]} for b in {1, two[1]}}
+                dT = v[2, 1] - v[1, 1] if two[0] == 2 else 0
+                dS = v[1, 2] - v[1, 1] if two[1] == 2 else 0
+                dTS = v[2, 2] - v[2, 1] - v[1, 2] + v[1, 1] if two == (2, 2) else 0
+                self.macs = (v[1, 1], dT, dS, dTS)
+            else:
+                one = probe(1)
+                slope = probe(2) - one if full >= 2 else 0
+                self.macs = (one, slope)
 
     def _eval(self, coef, rank):
         if self.tucker:
             (a, b), (c, dT, dS, dTS) = rank, coef
             return c + dT * (a - 1) + dS * (b - 1) + dTS * (a - 1) * (b - 1)
-        c0, c1 = coef
-        return c0 + c1 * rank
+        c, slope = coef
+        return c + slope * (rank - 1)
 
     def params(self, rank) -> int:
-        return self._eval(self.coef[0], rank)
+        return self._eval(self.coef, rank)
 
     def saves(self, rank) -> bool:
         return self.params(rank) < self.dense_params
@@ -223,12 +223,28 @@ class _Costs:
         """What the budget counts for the layer at ``rank``: the dense cost if that rank saves nothing."""
         if not self.saves(rank):
             return self.dense
-        return self._eval(self.coef[-1], rank)
+        return self._eval(self.macs or self.coef, rank)
 
 
-def _dense_params(layer) -> int:
+def _params_form(layer):
+    """(dense parameters, coefficients of the factorized parameters in the form of :class:`_Costs`).
+
+    Linear / channel SVD: r(a + b) (+ bias) for a matrix [a, b]; spatial SVD: r(S·kh + T·kw);
+    Tucker-2: S·rS + rS·rT·kh·kw + rT·T. Checked against :meth:`lowrank.plans.Layer.params` in the tests.
+    """
     m = layer.module
-    return m.weight.numel() + (m.bias.numel() if getattr(m, "bias", None) is not None else 0)
+    bias = m.bias.numel() if getattr(m, "bias", None) is not None else 0
+    dense = m.weight.numel() + bias
+    if layer.type == "Linear" or layer.method == "svd":
+        a, b = m.weight.shape[0], m.weight[0].numel()
+        return dense, (a + b + bias, a + b)
+    T, S, kh, kw = m.weight.shape
+    if layer.method == "spatial":
+        return dense, (S * kh + T * kw + bias, S * kh + T * kw)
+    if layer.method == "tucker2":  # S rS + rS rT kh kw + rT T at (1 + x, 1 + y)
+        k = kh * kw
+        return dense, (S + k + T + bias, k + T, S + k, k)
+    raise ValueError(f"{layer.name}: method {layer.method!r} has no spectrum to allocate ranks by")
 
 
 class budget:
@@ -268,13 +284,10 @@ class budget:
 
     def allocate(self, layers) -> dict:
         """{layer name: rank} meeting the budget (see the class docstring)."""
-        import torch
-
         for layer in layers:
             if layer.full_rank() is None:
                 raise ValueError(f"{layer.name}: method {layer.method!r} has no spectrum to allocate ranks by")
-        gains = [[_gains(torch.linalg.svdvals(M.detach().double()), self.score) for M in layer.matrices()]
-                 for layer in layers]
+        gains = [[_gains(_singular_values(M), self.score) for M in layer.matrices()] for layer in layers]
         costs = [_Costs(layer, self.by) for layer in layers]
         target = self.fraction * sum(c.dense for c in costs)
         start = [(1, 1) if c.tucker else 1 for c in costs]

@@ -17,9 +17,9 @@ from .tucker import unfold
 
 # Line search (extrapolation) step: grows ×2 after a kept step, shrinks ×1/4 after a rejected one.
 MAX_STEP, MIN_STEP = 8.0, 0.05
-# Degeneracy: a pair of components whose energy is this many times the energy of their sum, or
-# Σ_q |λ_q| / ‖W‖ above this many times √R (R orthogonal components of equal weight give √R).
-PAIR_CANCELLATION, WEIGHT_RATIO = 10.0, 10.0
+# Degeneracy (Harshman's diagnostic): two rank-one terms nearly opposite, congruence below this;
+# or Σ_q |λ_q| / ‖W‖ above WEIGHT_RATIO √R (R orthogonal components of equal weight give √R).
+DEGENERATE_CONGRUENCE, WEIGHT_RATIO = -0.9, 10.0
 
 
 class CPDegeneracyWarning(UserWarning):
@@ -187,23 +187,20 @@ def cp_als(W: torch.Tensor, rank: int, n_iter_max: int = 500, tol: float = 1e-6,
 def _check_degeneracy(weights, factors, relative_error, norm_W):
     """Warn (:class:`CPDegeneracyWarning`) if components cancel each other or the fit is useless.
 
-    Pair (p, q): cancellation (λ_p² + λ_q²) / ‖λ_p u_p + λ_q u_q‖², where the congruence
-    ⟨u_p, u_q⟩ = Π_n ⟨a⁽ⁿ⁾_p, a⁽ⁿ⁾_q⟩ of the rank-one terms is a product of factor Grams.
+    The congruence of rank-one terms p and q, ⟨u_p, u_q⟩ = Π_n ⟨a⁽ⁿ⁾_p, a⁽ⁿ⁾_q⟩, near −1 means
+    two terms that are nearly opposite: their large weights cancel (CP degeneracy).
     """
     R = weights.shape[0]
-    congruence = math.prod(A.T @ A for A in factors)         # [R, R], unit diagonal
-    energy = weights.square()
-    pair_energy = energy[:, None] + energy[None, :]
-    pair = (pair_energy / (pair_energy + 2 * torch.outer(weights, weights) * congruence).clamp_min(1e-300))
-    pair = float(pair.fill_diagonal_(0).max()) if R > 1 else 1.0
+    congruence = math.prod(A.T @ A for A in factors).fill_diagonal_(0)     # [R, R]
+    worst = float(congruence.min()) if R > 1 else 0.0
     ratio = float(weights.abs().sum()) / norm_W
-    if (math.isfinite(relative_error) and relative_error < 1.0 and pair < PAIR_CANCELLATION
-            and ratio < WEIGHT_RATIO * math.sqrt(R)):
+    if (relative_error < 1.0 and worst > DEGENERATE_CONGRUENCE
+            and ratio < WEIGHT_RATIO * math.sqrt(R)):                       # False for NaN too
         return
     warnings.warn(
         f"CP rank {R}: relative error {relative_error:.3g}, sum of |weights| / ‖W‖ = {ratio:.3g}, "
-        f"worst pair of components has {pair:.3g}× the energy of its sum: the components cancel "
-        f"each other (degenerate CP) or the fit is poor; try a lower rank or a larger ridge",
+        f"most opposite pair of components has congruence {worst:.3f}: components cancel each "
+        f"other (degenerate CP) or the fit is poor; try a lower rank or a larger ridge",
         CPDegeneracyWarning, stacklevel=3)
 
 
