@@ -5,7 +5,7 @@
     plan = lr.plan(model, method="tucker2", ranks=0.5)
     small = lr.compress(model, plan)          # a new model; `model` is untouched
 """
-from . import data, decompose, layers, measure, models, ranks, storage
+from . import data, decompose, layers, measure, models, ranks, storage, train
 from .plans import Plan, plan
 from .stats import LayerStats, calibrate, load_stats, save_stats
 from .surgery import compress, load, save, structure
