@@ -179,8 +179,8 @@ class _Costs:
     """Cost of one layer at any rank, exact and cheap.
 
     The SVD layers cost c0 + c1·r (parameters and MACs are linear in r); Tucker-2 costs
-    c0 + c1·(rT−1) + c2·(rS−1) + c3·(rT−1)(rS−1). Parameters come in closed form from the layer's
-    configuration; MACs from probes at ranks 1 and 2 per mode (a few meta-device builds).
+    c0 + c1·(rT−1) + c2·(rS−1) + c3·(rT−1)(rS−1). Parameters and MACs come in closed form from
+    the layer's shape and its dense MACs (spatial SVD's MACs from two probe builds).
     ``saves(rank)``: whether that rank saves parameters (the plan keeps the layer dense
     otherwise); calling the object gives what the budget counts (params or MACs).
     """
@@ -193,18 +193,10 @@ class _Costs:
         self.macs = None
         if by == "macs":
             self.dense = layer.dense_cost()[1]
-            probe = lambda r: layer.cost(r)[1]
-            if self.tucker:
-                two = tuple(min(2, f) for f in full)
-                v = {(a, b): probe((a, b)) for a in {1, two[0]} for b in {1, two[1]}}
-                dT = v[2, 1] - v[1, 1] if two[0] == 2 else 0
-                dS = v[1, 2] - v[1, 1] if two[1] == 2 else 0
-                dTS = v[2, 2] - v[2, 1] - v[1, 2] + v[1, 1] if two == (2, 2) else 0
-                self.macs = (v[1, 1], dT, dS, dTS)
-            else:
-                one = probe(1)
-                slope = probe(2) - one if full >= 2 else 0
-                self.macs = (one, slope)
+            self.macs = _macs_form(layer, self.dense)
+            if self.macs is None:  # spatial SVD: probe ranks 1 and 2 (its two convs stride differently)
+                one = layer.cost(1)[1]
+                self.macs = (one, layer.cost(2)[1] - one if full >= 2 else 0)
 
     def _eval(self, coef, rank):
         if self.tucker:
@@ -224,6 +216,24 @@ class _Costs:
         if not self.saves(rank):
             return self.dense
         return self._eval(self.macs or self.coef, rank)
+
+
+def _macs_form(layer, dense_macs):
+    """MACs coefficients in the form of :class:`_Costs` (None for spatial SVD).
+
+    With P output positions (dense MACs / weight entries) and a matrix [a, b]: r(a + b)·P for the
+    SVDs; Tucker-2 on an input of H·W positions: S·rS·H·W + rS·rT·kh·kw·P + rT·T·P.
+    """
+    m = layer.module
+    P = dense_macs // m.weight.numel()
+    if layer.type == "Linear" or layer.method == "svd":
+        a, b = m.weight.shape[0], m.weight[0].numel()
+        return (a + b) * P, (a + b) * P
+    if layer.method == "tucker2":
+        T, S, kh, kw = m.weight.shape
+        HW, k = layer.input_size[-1] * layer.input_size[-2], kh * kw
+        return (S * HW + k * P + T * P, k * P + T * P, S * HW + k * P, k * P)
+    return None
 
 
 def _params_form(layer):
