@@ -109,15 +109,25 @@ def cp_als(W: torch.Tensor, rank: int, n_iter_max: int = 500, tol: float = 1e-6,
     if not W.is_floating_point():
         raise ValueError(f"expected a floating-point tensor, got {W.dtype}")
     check_weight(W, W.dim())
-    shape = tuple(W.shape)
-    rank = check_rank(rank, math.prod(shape) // max(shape), "CP rank")
+    rank = check_rank(rank, math.prod(W.shape) // max(W.shape), "CP rank")
     if isinstance(n_iter_max, bool) or int(n_iter_max) != n_iter_max or n_iter_max < 1:
         raise ValueError(f"n_iter_max must be a positive integer, got {n_iter_max!r}")
     if not (tol >= 0 and ridge >= 0):
         raise ValueError(f"tol and ridge must be >= 0, got tol={tol!r}, ridge={ridge!r}")
     if init not in ("svd", "random"):
         raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
+    weights, factors, relative_error, n_iter, converged, history = _als(
+        W.detach(), rank, int(n_iter_max), tol, ridge, init, seed, line_search)
+    # clones made outside inference mode are ordinary tensors (usable with autograd later)
+    return CPResult(weights.to(W.dtype).clone(), [A.to(W.dtype).clone() for A in factors],
+                    relative_error, n_iter, converged, history)
+
+
+@torch.inference_mode()
+def _als(W, rank, n_iter_max, tol, ridge, init, seed, line_search):
+    """The sweeps of :func:`cp_als` (arguments checked there), without autograd bookkeeping."""
     X = W.to(torch.float64)
+    shape = tuple(X.shape)
     norm_X2 = float(X.square().sum())
     if norm_X2 == 0:
         raise ValueError("cannot decompose an all-zero tensor")
@@ -129,12 +139,18 @@ def cp_als(W: torch.Tensor, rank: int, n_iter_max: int = 500, tol: float = 1e-6,
     G = [f @ f.mT for f in F]                                # their Grams [R, R]
     eye = torch.eye(rank, dtype=X.dtype, device=X.device)
     tiny = torch.finfo(X.dtype).tiny
+    failed = torch.zeros((), dtype=torch.int32, device=X.device)
 
     def solve(n, M):
         """Update mode n from its MTTKRP M [R, I_n]; returns (λ [R, 1], B [R, I_n], M)."""
         others = [G[k] for k in range(N) if k != n]
-        V = torch.addcmul(eps * eye, math.prod(others[:-1]), others[-1])     # V_n + εI [R, R]
-        B = torch.cholesky_inverse(torch.linalg.cholesky_ex(V)[0]) @ M     # unnormalised A_nᵀ
+        V = others[0]
+        for Gk in others[1:-1]:
+            V = V * Gk
+        V = torch.addcmul(ridge_eye, V, others[-1])         # ⊛_{k≠n} A_kᵀA_k + εI [R, R]
+        L, info = torch.linalg.cholesky_ex(V)
+        failed.add_(info)                                    # checked once, after the loop
+        B = torch.cholesky_inverse(L) @ M                    # unnormalised A_nᵀ
         lam = torch.linalg.vector_norm(B, dim=1, keepdim=True).clamp_min_(tiny)
         F[n] = B / lam
         G[n] = F[n] @ F[n].mT
@@ -144,32 +160,39 @@ def cp_als(W: torch.Tensor, rank: int, n_iter_max: int = 500, tol: float = 1e-6,
         """Relative error after a solve: ‖X − X̂‖² = ‖X‖² − ⟨B, M⟩ − ε‖B‖², as (V + εI)B = M."""
         return math.sqrt(max(norm_X2 - float((B * M).sum() + eps * lam.square().sum()), 0.0) / norm_X2)
 
-    def solve_mode0():
+    def solve_mode0(K):
         Z = (F[1] @ X1).view(rank, shape[0], -1)             # W ×₁ A_1: [R, I_0, I_2·...]
-        return solve(0, (Z @ _khatri_rao_rows(F[2:])[:, :, None])[:, :, 0])
+        return solve(0, (Z @ K)[:, :, 0])
 
     history, converged, step, previous = [], False, 1.0, None
-    for it in range(int(n_iter_max)):
+    for it in range(n_iter_max):
         eps = ridge * (history[-1] if history else 1.0)
+        ridge_eye = eps * eye
         current = (F[1:], G[1:])
         extrapolate = line_search and previous is not None
         if extrapolate:                                      # A_n + step (A_n − A_n one sweep ago)
             for n in range(1, N):
                 F[n] = torch.lerp(previous[n - 1], F[n], 1 + step)
                 G[n] = F[n] @ F[n].mT
-        out = solve_mode0()
+        K = _khatri_rao_rows(F[2:])[:, :, None]              # A_2 ⊙ ... ⊙ A_{N-1}, for modes 0 and 1
+        out = solve_mode0(K)
         if extrapolate:
             if error(*out) < history[-1]:
                 step = min(2 * step, MAX_STEP)
             else:                                            # reject the move: plain ALS sweep
                 F[1:], G[1:] = list(current[0]), list(current[1])
                 step = max(step / 4, MIN_STEP)
-                out = solve_mode0()
+                K = _khatri_rao_rows(F[2:])[:, :, None]
+                out = solve_mode0(K)
         previous = current[0]
         Z = F[0] @ X0                                        # W ×₀ A_0: [R, I_1·...·I_{N-1}]
         for n in range(1, N):                                # Z = W ×₀ A_0 ... ×_{n-1} A_{n-1}
             Z = Z.view(rank, shape[n], -1)
-            M = Z[:, :, 0] if n == N - 1 else (Z @ _khatri_rao_rows(F[n + 1:])[:, :, None])[:, :, 0]
+            if n < N - 1:
+                K = K if n == 1 else _khatri_rao_rows(F[n + 1:])[:, :, None]
+                M = (Z @ K)[:, :, 0]
+            else:
+                M = Z[:, :, 0]
             out = solve(n, M)
             Z = (F[n][:, None, :] @ Z)[:, 0]
         history.append(error(*out))
@@ -177,11 +200,13 @@ def cp_als(W: torch.Tensor, rank: int, n_iter_max: int = 500, tol: float = 1e-6,
             converged = True
             break
 
+    if failed:
+        raise torch.linalg.LinAlgError(
+            "CP-ALS: a Gram matrix ⊛ A_kᵀA_k was singular (collinear components); use ridge > 0")
     weights, factors = out[0][:, 0], [f.T for f in F]
     relative_error = float(torch.linalg.vector_norm(X - cp_reconstruct(weights, factors))) / math.sqrt(norm_X2)
     _check_degeneracy(weights, factors, relative_error, math.sqrt(norm_X2))
-    return CPResult(weights.to(W.dtype), [A.to(W.dtype) for A in factors], relative_error,
-                    it + 1, converged, history)
+    return weights, factors, relative_error, it + 1, converged, history
 
 
 def _check_degeneracy(weights, factors, relative_error, norm_W):
@@ -201,7 +226,7 @@ def _check_degeneracy(weights, factors, relative_error, norm_W):
         f"CP rank {R}: relative error {relative_error:.3g}, sum of |weights| / ‖W‖ = {ratio:.3g}, "
         f"most opposite pair of components has congruence {worst:.3f}: components cancel each "
         f"other (degenerate CP) or the fit is poor; try a lower rank or a larger ridge",
-        CPDegeneracyWarning, stacklevel=3)
+        CPDegeneracyWarning, stacklevel=5)             # the caller of cp_als
 
 
 def conv_cp(W: torch.Tensor, rank: int, form: str = "4way", **kw) -> CPResult:
