@@ -8,15 +8,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from lowrank.train import History, distillation_loss, fit
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models here are tiny: one thread avoids waiting on busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def separable(n=256, d=8, classes=3, seed=0):
     """Points labelled by the nearest of ``classes`` well-separated centres: linearly separable."""
     g = torch.Generator().manual_seed(seed)

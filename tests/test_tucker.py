@@ -10,15 +10,6 @@ from lowrank.decompose.tucker import (hooi, hosvd, left_singular_vectors, mode_p
                                       tucker2_reconstruct, unfold)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one thread is faster and steadier than several sharing a core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_weight(shape, seed=0, decay=0.0):
     """A float64 conv weight; ``decay`` > 0 gives channel spectra that fall off like real kernels."""
     g = torch.Generator().manual_seed(seed)

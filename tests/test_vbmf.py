@@ -8,15 +8,6 @@ from lowrank.decompose.tucker import unfold
 from lowrank.decompose.vbmf import evb_threshold, evbmf, free_energy
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small matrices: one thread is faster and steadier than several sharing a core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def low_rank_plus_noise(m, n, rank, sigma=1.0, snr=4.0, seed=0, dtype=torch.float64):
     """X + E: X of the given rank with singular values ``snr``–2·``snr`` times the noise edge
     σ(√m + √n), E Gaussian of variance σ². Returns ``(Y, X)``."""
