@@ -11,7 +11,7 @@ from its plan and loaded from a ``state_dict``.
 import torch
 import torch.nn as nn
 
-from .decompose.svd import channel_matrix, check_rank, spatial_kernel, spatial_matrix, truncated_svd
+from .decompose.svd import channel_matrix, check_rank, spatial_matrix, truncated_svd
 from .decompose.tucker import hosvd
 
 

@@ -8,7 +8,7 @@ import fnmatch
 import functools
 import html
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn

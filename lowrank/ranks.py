@@ -4,7 +4,6 @@ A rule is a callable ``rule(layer) -> rank`` on a :class:`lowrank.plans.Layer` (
 (rT, rS) for Tucker-2); a rule that needs every layer at once (a global budget) instead has
 ``allocate(layers) -> {name: rank}``.
 """
-import math
 
 
 def _clip(rank, full):

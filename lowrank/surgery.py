@@ -1,6 +1,5 @@
 """Model surgery: apply a plan to a model, and rebuild a compressed model from its plan."""
 import copy
-import json
 
 import torch
 from tqdm.auto import tqdm

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 import lowrank as lr
-from lowrank.layers import ChannelSVDConv2d, LowRankLinear, Tucker2Conv2d
+from lowrank.layers import LowRankLinear, Tucker2Conv2d
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,8 @@ def resnet20():
 def test_energy_rank_on_a_known_spectrum():
     s = torch.tensor([3.0, 2.0, 1.0, 0.0])  # energies 9, 4, 1 of 14
     assert [energy_rank(s, t) for t in (0.5, 9 / 14, 0.9, 13 / 14, 1.0)] == [1, 1, 2, 2, 3]
+    flat = torch.ones(4)  # equal entropy terms: a share τ of the entropy needs ⌈4τ⌉ of them
+    assert [entropy_rank(flat, t) for t in (0.2, 0.25, 0.5, 0.6, 1.0)] == [1, 1, 2, 3, 4]
 
 
 def test_tau_one_keeps_full_rank_and_ranks_grow_with_tau(resnet20):

@@ -53,8 +53,3 @@ def spatial_matrix(W: torch.Tensor) -> torch.Tensor:
     T, S, kh, kw = W.shape
     return W.permute(1, 2, 0, 3).reshape(S * kh, T * kw)
 
-
-def spatial_kernel(M: torch.Tensor, shape) -> torch.Tensor:
-    """Inverse of :func:`spatial_matrix`: an [S*kh, T*kw] matrix back to a [T, S, kh, kw] kernel."""
-    T, S, kh, kw = shape
-    return M.reshape(S, kh, T, kw).permute(2, 0, 1, 3)
