@@ -73,9 +73,8 @@ class Layer:
     def entry(self, rank) -> dict:
         """A plan entry for this layer at ``rank`` (an int, or a pair for Tucker-2)."""
         rank = list(rank) if isinstance(rank, tuple) else rank
-        e = dict(type=self.type, method=self.method, rank=rank, config=self.config,
-                 input=list(self.input_size))
-        return e
+        return dict(type=self.type, method=self.method, rank=rank, config=self.config,
+                    input=list(self.input_size))
 
     def cost(self, rank) -> tuple[int, int]:
         """(parameters, MACs) of the factorized layer at ``rank``."""
@@ -279,14 +278,15 @@ def plan(model, method: str = "svd", ranks=0.5, include=None, exclude=None, inpu
                              f"reached by the forward pass")
     layers, skipped = [], {}
     for n in names:
+        layer = Layer(n, modules[n], "svd" if isinstance(modules[n], nn.Linear) else method, sizes[n])
         try:
-            layers.append(Layer(n, modules[n], "svd" if isinstance(modules[n], nn.Linear) else method, sizes[n]))
-            layers[-1].config
+            layer.config  # raises ValueError for what the factorizations do not support
         except ValueError as error:
             if include is not None and n in include:
                 raise ValueError(f"{n}: {error}") from None
-            layers.pop()
             skipped[n] = str(error)
+            continue
+        layers.append(layer)
     if not layers:
         raise ValueError("no Conv2d or Linear layer selected: check include/exclude")
     chosen = rules.resolve(ranks, layers)

@@ -110,32 +110,30 @@ def entropy_rank(s, tau: float) -> int:
     return next(k + 1 for k, v in enumerate(share) if v >= tau - 1e-12)
 
 
-class energy:
+class _SpectrumRule:
+    """A rule that reads each matrix's singular values through ``rank_of(s, tau)``."""
+    rank_of = None
+
+    def __init__(self, tau: float):
+        self.tau = _check_tau(tau)
+
+    def __call__(self, layer):
+        return _per_matrix(layer, lambda s: type(self).rank_of(s, self.tau))
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.tau})"
+
+
+class energy(_SpectrumRule):
     """Per layer (per mode for Tucker-2), the smallest rank keeping a share ``tau`` of the squared
     singular values (Lala & Cherukuri 2025). Layers with fast-decaying spectra get small ranks."""
-
-    def __init__(self, tau: float):
-        self.tau = _check_tau(tau)
-
-    def __call__(self, layer):
-        return _per_matrix(layer, lambda s: energy_rank(s, self.tau))
-
-    def __repr__(self):
-        return f"energy({self.tau})"
+    rank_of = staticmethod(energy_rank)
 
 
-class entropy:
+class entropy(_SpectrumRule):
     """Per layer (per mode for Tucker-2), the smallest rank whose spectral-entropy terms reach a
     share ``tau`` of the whole entropy (the entropy variant of ARSVD)."""
-
-    def __init__(self, tau: float):
-        self.tau = _check_tau(tau)
-
-    def __call__(self, layer):
-        return _per_matrix(layer, lambda s: entropy_rank(s, self.tau))
-
-    def __repr__(self):
-        return f"entropy({self.tau})"
+    rank_of = staticmethod(entropy_rank)
 
 
 class vbmf:
