@@ -7,6 +7,7 @@
 """
 from . import data, decompose, layers, measure, models, ranks, storage, train
 from .plans import Plan, plan
+from .sequential import compress_sequential
 from .stats import LayerStats, calibrate, load_stats, save_stats
 from .surgery import compress, load, save, structure
 

@@ -47,7 +47,7 @@ def compress(model, plan: Plan, stats=None, progress: bool = True, **options):
         if plan.norm == "data":
             from .informed import factorize
 
-            layer = factorize(dense, entry, stats[name], **options)
+            layer = factorize(dense, entry, stats[name].sigma, **options)
         else:
             cls, extra = layer_class(entry)
             layer = cls.from_dense(dense, rank, **extra, **options)

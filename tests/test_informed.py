@@ -37,7 +37,7 @@ def entry(method, rank):
 
 def test_svd_layer_is_the_weighted_svd():
     conv, x, stats = setup()
-    layer = factorize(conv, entry("svd", 3), stats)
+    layer = factorize(conv, entry("svd", 3), stats.sigma)
     A, B = weighted_svd(conv.weight.detach().reshape(8, -1), stats.sigma, 3)
     assert isinstance(layer, ChannelSVDConv2d)
     assert torch.allclose(layer.weight.reshape(8, -1), A @ B, atol=1e-5)
@@ -47,7 +47,7 @@ def test_svd_layer_is_the_weighted_svd():
 @pytest.mark.parametrize("method,rank", [("svd", 8), ("tucker2", (8, 6))])
 def test_full_rank_reproduces_the_layer(method, rank):
     conv, x, stats = setup()
-    layer = factorize(conv, entry(method, rank), stats)
+    layer = factorize(conv, entry(method, rank), stats.sigma)
     with torch.no_grad():
         assert torch.allclose(layer(x), conv(x), atol=1e-4)
 
@@ -57,7 +57,7 @@ def test_full_rank_reproduces_the_layer(method, rank):
 def test_weighted_beats_plain_on_the_calibration_inputs(method, rank, cls):
     conv, x, stats = setup()
     plain = cls.from_dense(conv, rank)
-    informed = factorize(conv, entry(method, rank), stats, n_iter=10)
+    informed = factorize(conv, entry(method, rank), stats.sigma, n_iter=10)
     assert output_error(conv, informed, x) < 0.9 * output_error(conv, plain, x)
 
 
@@ -66,7 +66,7 @@ def test_linear_layer():
     linear = nn.Linear(12, 5)
     x = torch.randn(200, 3) @ torch.randn(3, 12) + 0.01 * torch.randn(200, 12)
     stats = lr.calibrate(nn.Sequential(linear), x, progress=False)["0"]
-    layer = factorize(linear, entry("svd", 2), stats)
+    layer = factorize(linear, entry("svd", 2), stats.sigma)
     assert isinstance(layer, LowRankLinear)
     plain = LowRankLinear.from_dense(linear, 2)
     assert output_error(linear, layer, x) < 0.5 * output_error(linear, plain, x)
@@ -75,10 +75,10 @@ def test_linear_layer():
 def test_bad_input_raises():
     conv, x, stats = setup()
     with pytest.raises(ValueError, match="no data-informed version"):
-        factorize(conv, entry("spatial", 2), stats)
+        factorize(conv, entry("spatial", 2), stats.sigma)
     other = lr.calibrate(nn.Sequential(nn.Conv2d(6, 8, 1)), x, progress=False)["0"]
     with pytest.raises(ValueError, match="do not fit"):
-        factorize(conv, entry("svd", 2), other)
+        factorize(conv, entry("svd", 2), other.sigma)
 
 
 def test_compress_with_a_data_plan():

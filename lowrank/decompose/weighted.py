@@ -263,6 +263,38 @@ def weighted_svd(W: torch.Tensor, Sigma, rank: int, rel_floor: float = 1e-10):
     return U.to(W.dtype), (U.T @ W64).to(W.dtype)
 
 
+def corrected_target(W: torch.Tensor, Sigma_hat: torch.Tensor, C: torch.Tensor, ridge: float = 1e-6):
+    r"""Turn "reproduce W x from a perturbed input x̂" into a Σ-weighted problem.
+
+    W [T, d]; ``Sigma_hat`` = E[x̂ x̂ᵀ] and ``C`` = E[x x̂ᵀ] [d, d], from pairs of the input x a
+    layer had in the original network and the input x̂ it gets in the compressed one. For any W̃,
+
+        E‖W x − W̃ x̂‖² + δ‖W − W̃‖_F² = const + ‖(W_eff − W̃) Σ_δ^{1/2}‖_F²
+
+    with Σ_δ = Σ̂ + δ I, W_eff = (W C + δ W) Σ_δ⁻¹ and δ = ``ridge`` × the mean diagonal of Σ̂
+    (expand both sides: the terms in W̃ agree). So the best W̃ of any form is the Σ_δ-weighted
+    decomposition of W_eff. W_eff is the least-squares map from x̂ to W x: it corrects for the
+    error of the layers before; the ridge keeps it at W in directions x̂ never takes.
+    With x̂ = x it is W itself (up to the ridge).
+
+    Returns ``(W_eff [T, d] in W's dtype, Σ_δ [d, d] float64)``. Raises ``ValueError`` on
+    mismatched shapes, non-finite input, a zero or asymmetric Σ̂, or ``ridge <= 0``.
+    """
+    check_weight(W, 2)
+    d = W.shape[1]
+    if not ridge > 0:
+        raise ValueError(f"ridge must be positive, got {ridge!r}")
+    Sigma_hat = _check_sigma(Sigma_hat, d).to(W.device)
+    if not (isinstance(C, torch.Tensor) and C.shape == (d, d) and torch.isfinite(C).all()):
+        raise ValueError(f"C must be a finite [{d}, {d}] matrix")
+    delta = ridge * float(Sigma_hat.diagonal().mean())
+    Sigma_delta = Sigma_hat + delta * torch.eye(d, dtype=Sigma_hat.dtype, device=Sigma_hat.device)
+    W64 = _to64(W)
+    rhs = W64 @ C.to(W64) + delta * W64                                   # [T, d]
+    W_eff = torch.cholesky_solve(rhs.T, torch.linalg.cholesky(Sigma_delta)).T  # Σ_δ symmetric
+    return W_eff.to(W.dtype), Sigma_delta
+
+
 def _check_loop(n_iter, tol):
     if isinstance(n_iter, bool) or int(n_iter) != n_iter or n_iter < 0:
         raise ValueError(f"n_iter must be a non-negative integer, got {n_iter!r}")

@@ -1,0 +1,102 @@
+"""Sequential data-informed compression (lowrank.sequential) and its target (corrected_target)."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lowrank as lr
+from lowrank.decompose.weighted import corrected_target
+
+from test_informed import correlated_images
+
+
+def two_convs(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).eval()
+
+
+def output_error(a, b, x):
+    with torch.no_grad():
+        return float((a(x) - b(x)).square().sum())
+
+
+def test_corrected_target_turns_the_asymmetric_error_into_a_weighted_norm():
+    g = torch.Generator().manual_seed(0)
+    T, d, n = 4, 6, 500
+    W = torch.randn(T, d, generator=g, dtype=torch.float64)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) @ torch.randn(d, d, generator=g, dtype=torch.float64)
+    x_hat = x + 0.3 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    Sigma_hat, C = x_hat.T @ x_hat / n, x.T @ x_hat / n
+    W_eff, Sigma = corrected_target(W, Sigma_hat, C, ridge=1e-3)
+    delta = 1e-3 * Sigma_hat.diagonal().mean()
+
+    def gap(W_tilde):  # E‖W x − W̃ x̂‖² + δ‖W − W̃‖² − ‖(W_eff − W̃) Σ_δ^{1/2}‖²: must not depend on W̃
+        lhs = ((x @ W.T - x_hat @ W_tilde.T).square().sum(1).mean() + delta * (W - W_tilde).square().sum())
+        E = W_eff - W_tilde
+        return float(lhs - torch.trace(E @ Sigma @ E.T))
+
+    gaps = [gap(torch.randn(T, d, generator=g, dtype=torch.float64)) for _ in range(4)]
+    assert max(gaps) - min(gaps) < 1e-9 * abs(gaps[0]) + 1e-9
+
+
+def test_corrected_target_is_the_weight_when_the_input_is_unchanged():
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    x = torch.randn(300, 7, generator=g, dtype=torch.float64)
+    W_eff, _ = corrected_target(W, x.T @ x / 300, x.T @ x / 300)
+    assert torch.allclose(W_eff, W, atol=1e-8)
+
+
+def test_corrected_target_rejects_bad_input():
+    W, S = torch.randn(3, 4), torch.eye(4)
+    with pytest.raises(ValueError, match="ridge"):
+        corrected_target(W, S, S, ridge=0)
+    with pytest.raises(ValueError, match="C must be"):
+        corrected_target(W, S, torch.eye(3))
+    with pytest.raises(ValueError, match="zero"):
+        corrected_target(W, torch.zeros(4, 4), S)
+
+
+def test_first_layer_alone_is_the_one_shot_compression():
+    model, x = two_convs(), correlated_images(n=32)
+    plan = lr.plan(model, "svd", {"0": 2}, input_size=(6, 8, 8), norm="data")
+    one_shot = lr.compress(model, plan, stats=lr.calibrate(model, x, progress=False), progress=False)
+    sequential = lr.compress_sequential(model, plan, x, progress=False)
+    with torch.no_grad():
+        assert torch.allclose(sequential(x), one_shot(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("method,ranks", [("svd", {"0": 2, "2": 2}), ("tucker2", {"0": [3, 2], "2": [3, 3]})])
+def test_sequential_beats_one_shot_on_the_network_output(method, ranks):
+    model, x = two_convs(), correlated_images(n=32)
+    plan = lr.plan(model, method, ranks, input_size=(6, 8, 8), norm="data")
+    one_shot = lr.compress(model, plan, stats=lr.calibrate(model, x, progress=False), progress=False)
+    sequential = lr.compress_sequential(model, plan, x, progress=False)
+    assert output_error(model, sequential, x) < output_error(model, one_shot, x)
+
+
+def test_model_untouched_and_flags_kept():
+    model, x = two_convs(), correlated_images(n=16)
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    plan = lr.plan(model, "svd", {"0": 2, "2": 2}, input_size=(6, 8, 8), norm="data")
+    small = lr.compress_sequential(model, plan, x, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(m.training for m in model.modules()) and all(m.training for m in small.modules())
+    assert isinstance(small[2], lr.layers.ChannelSVDConv2d)
+
+
+def test_bad_input_raises():
+    model, x = two_convs(), correlated_images(n=8)
+    plain = lr.plan(model, "svd", {"0": 2}, input_size=(6, 8, 8))
+    with pytest.raises(ValueError, match="norm='data'"):
+        lr.compress_sequential(model, plain, x, progress=False)
+    data_plan = lr.plan(model, "svd", {"0": 2}, input_size=(6, 8, 8), norm="data")
+    with pytest.raises(ValueError, match="empty"):
+        lr.compress_sequential(model, data_plan, x[:0], progress=False)
+    conv = nn.Conv2d(6, 6, 3, padding=1)
+    shared = nn.Sequential(conv, nn.ReLU(), conv)     # the same layer runs twice
+    plan = lr.plan(shared, "svd", {"0": 2}, input_size=(6, 8, 8), norm="data")
+    with pytest.raises(ValueError, match="more than once"):
+        lr.compress_sequential(shared, plan, x, progress=False)
