@@ -53,18 +53,20 @@ def _input_of(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tens
 def _layer_inputs(model: nn.Module, names, batches) -> dict:
     """``{name: [input of that layer for each batch]}`` in the order the forward pass reaches the
     layers; each must run exactly once per pass."""
-    inputs = {}
+    inputs, seen = {}, set()
 
-    def hook(module, args, name):
-        if name in inputs and len(inputs[name]) > batch:
+    def hook(name, args):
+        if name in seen:
             raise ValueError(f"layer {name!r} runs more than once per forward pass; compress the model with "
                              "lowrank.compress(model, plan, stats=lowrank.calibrate(model, data)) instead")
+        seen.add(name)
         inputs.setdefault(name, []).append(args[0])
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n))
+    handles = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: hook(n, a))
                for n in names]
     try:
-        for batch, x in enumerate(batches):
+        for x in batches:
+            seen.clear()
             model(x)
     finally:
         for h in handles:
@@ -76,7 +78,7 @@ def _layer_inputs(model: nn.Module, names, batches) -> dict:
 
 
 def compress_sequential(model: nn.Module, plan: Plan, data, limit: int | None = None,
-                        batch_size: int = 128, ridge: float = 1e-6, progress: bool = True,
+                        batch_size: int = 128, ridge: float = 1e-3, progress: bool = True,
                         **options) -> nn.Module:
     """A NEW model in which the plan's layers are factorized one by one in forward order, each
     minimising ``E‖W x − W̃ x̂‖² + δ‖W − W̃‖²`` over the calibration ``data``: x the layer's input

@@ -4,6 +4,8 @@ import copy
 import torch
 from tqdm.auto import tqdm
 
+from .decompose.weighted import ridged
+from .informed import factorize
 from .plans import Plan, build, layer_class
 
 
@@ -27,12 +29,14 @@ def _dense(model, name, entry):
     return module
 
 
-def compress(model, plan: Plan, stats=None, progress: bool = True, **options):
+def compress(model, plan: Plan, stats=None, progress: bool = True, ridge: float = 1e-3, **options):
     """A NEW model in which every layer the plan factorizes is replaced by its factorized layer.
 
     ``model`` is left untouched. With a plan made with ``norm="data"``, ``stats`` (from
-    :func:`lowrank.calibrate`) must hold the statistics of every factorized layer.
-    ``options`` go to the decomposition (e.g. ``n_iter_max`` for CP).
+    :func:`lowrank.calibrate`) must hold the statistics of every factorized layer, and each layer
+    minimises its output error plus ``ridge``-weighted weight error (Σ + δ I, see
+    :func:`lowrank.decompose.weighted.ridged`). ``options`` go to the decomposition (e.g.
+    ``n_iter_max`` for CP, ``n_iter`` for the Σ-weighted ALS).
     """
     if plan.norm == "data":
         missing = [n for n in plan.compressed() if stats is None or n not in stats]
@@ -45,9 +49,7 @@ def compress(model, plan: Plan, stats=None, progress: bool = True, **options):
         dense = _dense(new, name, entry)
         rank = tuple(entry["rank"]) if isinstance(entry["rank"], list) else entry["rank"]
         if plan.norm == "data":
-            from .informed import factorize
-
-            layer = factorize(dense, entry, stats[name].sigma, **options)
+            layer = factorize(dense, entry, ridged(stats[name].sigma, ridge), **options)
         else:
             cls, extra = layer_class(entry)
             layer = cls.from_dense(dense, rank, **extra, **options)

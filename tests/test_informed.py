@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import lowrank as lr
-from lowrank.decompose.weighted import weighted_svd
+from lowrank.decompose.weighted import ridged, weighted_error, weighted_svd
 from lowrank.informed import factorize
 from lowrank.layers import ChannelSVDConv2d, LowRankLinear, Tucker2Conv2d
 
@@ -94,3 +94,30 @@ def test_compress_with_a_data_plan():
                         progress=False)
     assert all(isinstance(small[i], Tucker2Conv2d) for i in (0, 2))
     assert output_error(model, small, x) < output_error(model, plain, x)
+
+
+def test_ridge_trades_output_error_for_weight_error():
+    conv, x, stats = setup()
+    W = conv.weight.detach().reshape(8, -1).double()
+    errors = []
+    for ridge in (0.0, 1e-3, 1e-1):
+        Sigma = ridged(stats.sigma, ridge)
+        assert torch.allclose(Sigma - stats.sigma, ridge * stats.sigma.diagonal().mean() * torch.eye(54, dtype=torch.float64))
+        A, B = weighted_svd(W, Sigma, 3)
+        errors.append(((A @ B - W).norm(), weighted_error(W, A @ B, stats.sigma)))
+    assert errors[0][0] >= errors[1][0] >= errors[2][0]          # weight error falls with the ridge
+    assert errors[0][1] <= errors[1][1] <= errors[2][1]          # output error rises with it
+    with pytest.raises(ValueError, match="ridge"):
+        ridged(stats.sigma, -1.0)
+
+
+def test_compress_uses_the_ridged_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(6, 8, 3, padding=1)).eval()
+    x = correlated_images()
+    stats = lr.calibrate(model, x, progress=False)
+    plan = lr.plan(model, "svd", {"0": 3}, input_size=(6, 8, 8), norm="data")
+    for ridge in (0.0, 0.1):
+        small = lr.compress(model, plan, stats=stats, ridge=ridge, progress=False)
+        expected = factorize(model[0], plan["0"], ridged(stats["0"].sigma, ridge))
+        assert torch.allclose(small[0].weight, expected.weight)

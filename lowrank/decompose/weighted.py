@@ -14,6 +14,13 @@ singular Σ, e.g. from dead ReLU channels, still works), L = Q Λ^{1/2} gives Σ
 directions the data never visit, the solution stays close to W instead of being arbitrary.
 All algorithms minimise the norm of the floored Σ and report errors in it.
 
+**Ridge** (:func:`ridged`). The layer functions below minimise the Σ-norm of the Σ they are
+given. :func:`lowrank.compress` and :func:`lowrank.compress_sequential` pass them Σ + δ I, which
+minimises ‖(W − W̃) Σ^{1/2}‖_F² + δ ‖W − W̃‖_F²: in directions the calibration inputs (almost)
+never take, the factors stay close to W. Without it the Σ-optimal Tucker-2 core of a pretrained
+ResNet can be several times larger than W (the fit spends weight on directions of tiny variance),
+which is harmless on the calibration data but makes a later fine-tuning unstable.
+
 **Matrix case** (:func:`weighted_svd`). ‖(W − W̃) L‖ over rank-r W̃ is the Eckart–Young problem
 for W L, so W̃ = [W L]_r L⁻¹. Writing [W L]_r = U_r U_rᵀ W L gives W̃ = U_r U_rᵀ W: keep the
 leading r left singular vectors U_r of W L and project W onto them (no L⁻¹ at all).
@@ -263,7 +270,18 @@ def weighted_svd(W: torch.Tensor, Sigma, rank: int, rel_floor: float = 1e-10):
     return U.to(W.dtype), (U.T @ W64).to(W.dtype)
 
 
-def corrected_target(W: torch.Tensor, Sigma_hat: torch.Tensor, C: torch.Tensor, ridge: float = 1e-6):
+def ridged(Sigma: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
+    """Σ + δ I [d, d] float64 with δ = ``ridge`` × the mean diagonal of Σ (module docstring).
+
+    Raises ``ValueError`` for ``ridge < 0`` or a Σ that :func:`whitening` would refuse to take.
+    """
+    if not ridge >= 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge!r}")
+    S64 = _check_sigma(Sigma)
+    return S64 + ridge * S64.diagonal().mean() * torch.eye(len(S64), dtype=S64.dtype, device=S64.device)
+
+
+def corrected_target(W: torch.Tensor, Sigma_hat: torch.Tensor, C: torch.Tensor, ridge: float = 1e-3):
     r"""Turn "reproduce W x from a perturbed input x̂" into a Σ-weighted problem.
 
     W [T, d]; ``Sigma_hat`` = E[x̂ x̂ᵀ] and ``C`` = E[x x̂ᵀ] [d, d], from pairs of the input x a
@@ -274,8 +292,8 @@ def corrected_target(W: torch.Tensor, Sigma_hat: torch.Tensor, C: torch.Tensor, 
     with Σ_δ = Σ̂ + δ I, W_eff = (W C + δ W) Σ_δ⁻¹ and δ = ``ridge`` × the mean diagonal of Σ̂
     (expand both sides: the terms in W̃ agree). So the best W̃ of any form is the Σ_δ-weighted
     decomposition of W_eff. W_eff is the least-squares map from x̂ to W x: it corrects for the
-    error of the layers before; the ridge keeps it at W in directions x̂ never takes.
-    With x̂ = x it is W itself (up to the ridge).
+    error of the layers before; the ridge keeps it at W in directions x̂ never takes (Σ_δ is
+    :func:`ridged` Σ̂). With x̂ = x it is W itself.
 
     Returns ``(W_eff [T, d] in W's dtype, Σ_δ [d, d] float64)``. Raises ``ValueError`` on
     mismatched shapes, non-finite input, a zero or asymmetric Σ̂, or ``ridge <= 0``.
@@ -287,8 +305,8 @@ def corrected_target(W: torch.Tensor, Sigma_hat: torch.Tensor, C: torch.Tensor, 
     Sigma_hat = _check_sigma(Sigma_hat, d).to(W.device)
     if not (isinstance(C, torch.Tensor) and C.shape == (d, d) and torch.isfinite(C).all()):
         raise ValueError(f"C must be a finite [{d}, {d}] matrix")
-    delta = ridge * float(Sigma_hat.diagonal().mean())
-    Sigma_delta = Sigma_hat + delta * torch.eye(d, dtype=Sigma_hat.dtype, device=Sigma_hat.device)
+    Sigma_delta = ridged(Sigma_hat, ridge)
+    delta = ridge * float(Sigma_hat.diagonal().mean())          # the δ that ridged added
     W64 = _to64(W)
     rhs = W64 @ C.to(W64) + delta * W64                                   # [T, d]
     W_eff = torch.cholesky_solve(rhs.T, torch.linalg.cholesky(Sigma_delta)).T  # Σ_δ symmetric
