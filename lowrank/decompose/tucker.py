@@ -36,7 +36,8 @@ def hosvd(W: torch.Tensor, ranks):
 
 
 def relative_error(W: torch.Tensor, W_hat: torch.Tensor) -> float:
-    """``‖W − Ŵ‖_F / ‖W‖_F`` as a Python float."""
+    """``‖W − Ŵ‖_F / ‖W‖_F`` as a Python float (a layer's weight may be passed as it is)."""
+    W, W_hat = W.detach(), W_hat.detach()
     return float(torch.linalg.norm(W - W_hat) / torch.linalg.norm(W))
 
 

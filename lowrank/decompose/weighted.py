@@ -208,7 +208,8 @@ def khatri_rao(factors) -> torch.Tensor:
 
 
 def _to64(W: torch.Tensor) -> torch.Tensor:
-    return W.to(torch.float64)
+    """W detached (a layer's weight may be passed as it is), in float64."""
+    return W.detach().to(torch.float64)
 
 
 def weighted_error(W: torch.Tensor, W_hat: torch.Tensor, Sigma: torch.Tensor) -> float:
