@@ -77,7 +77,7 @@ def _layer_inputs(model: nn.Module, names, batches) -> dict:
     return inputs
 
 
-def compress_sequential(model: nn.Module, plan: Plan, data, limit: int | None = None,
+def compress_sequential(model: nn.Module, plan: Plan, data, limit: int | None = 256,
                         batch_size: int = 128, ridge: float = 1e-3, progress: bool = True,
                         **options) -> nn.Module:
     """A NEW model in which the plan's layers are factorized one by one in forward order, each
@@ -86,11 +86,11 @@ def compress_sequential(model: nn.Module, plan: Plan, data, limit: int | None = 
     :func:`~lowrank.decompose.weighted.corrected_target` for ``ridge``).
 
     ``plan``: made with ``norm="data"``. ``data``: a Dataset of ``(x, y)`` pairs, a DataLoader or
-    a tensor of inputs [N, ...], at most ``limit`` samples. Costs one forward pass of ``model``
-    over the data, whose inputs to the factorized layers are kept in memory (about 0.5 GB for
-    ResNet-56 and 256 CIFAR images), then per factorized layer one pass of the new model that
-    stops at that layer. ``options`` go to the ALS of Tucker-2 and CP. ``model`` is left
-    untouched; the new model has its train/eval flags.
+    a tensor of inputs [N, ...], at most ``limit`` samples (``None``: all of them). Costs one
+    forward pass of ``model`` over the data, whose inputs to the factorized layers are kept in
+    memory (about 0.5 GB for ResNet-56 and 256 CIFAR images), then per factorized layer one pass
+    of the new model that stops at that layer. ``options`` go to the ALS of Tucker-2 and CP.
+    ``model`` is left untouched; the new model has its train/eval flags.
 
     Raises ``ValueError`` for a plan not made with ``norm="data"``, empty data, a layer that runs
     more than once per forward pass, or non-finite activations; ``RuntimeError`` for a planned
