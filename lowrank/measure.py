@@ -23,6 +23,15 @@ def _device(model):
     return p.device if p is not None else torch.device("cpu")
 
 
+def _as_input(x: torch.Tensor, model) -> torch.Tensor:
+    """``x`` on ``model``'s device (CPU for a model without parameters), floating-point inputs in
+    the model's floating-point dtype."""
+    p = next(model.parameters(), None)
+    if p is not None and x.is_floating_point() and p.dtype.is_floating_point:
+        return x.to(p.device, p.dtype)
+    return x.to(_device(model))
+
+
 def macs(model: torch.nn.Module, input_size=(3, 32, 32)) -> int:
     """Multiply–accumulates of one forward pass on one input of shape ``input_size``.
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .decompose.weighted import corrected_target
 from .informed import factorize
-from .measure import _eval
+from .measure import _as_input, _eval
 from .plans import Plan
 from .stats import _batches, input_vectors
 from .surgery import _dense, _replace
@@ -98,9 +98,7 @@ def compress_sequential(model: nn.Module, plan: Plan, data, limit: int | None = 
     """
     if not isinstance(plan, Plan) or plan.norm != "data":
         raise ValueError("sequential compression needs a plan made with lowrank.plan(..., norm='data')")
-    parameter = next(model.parameters())
-    batches = [x.to(parameter.device, parameter.dtype) if x.is_floating_point() else x.to(parameter.device)
-               for x in _batches(data, int(batch_size), limit)]
+    batches = [_as_input(x, model) for x in _batches(data, int(batch_size), limit)]
     if not batches:
         raise ValueError("the calibration data is empty")
     new = copy.deepcopy(model)

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .measure import _as_input, _eval
+
 
 @dataclass
 class LayerStats:
@@ -221,31 +223,19 @@ def calibrate(model: nn.Module, data, layers=None, batch_size: int = 128, limit=
     if limit is not None and (isinstance(limit, bool) or int(limit) != limit or limit < 1):
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
     selected = _select_layers(model, layers)
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None else None
-
     accumulators = {name: _Accumulator(name) for name in selected}
     handles = [m.register_forward_hook(accumulators[name]) for name, m in selected.items()]
-    modes = {m: m.training for m in model.modules()}
     seen = 0
     try:
-        model.eval()
-        with torch.no_grad(), tqdm(total=_num_samples(data, limit), unit="img",
-                                   desc="calibrate", disable=not progress) as bar:
+        with _eval(model), torch.no_grad(), tqdm(total=_num_samples(data, limit), unit="img",
+                                                 desc="calibrate", disable=not progress) as bar:
             for x in _batches(data, int(batch_size), limit):
-                if x.is_floating_point() and dtype is not None and dtype.is_floating_point:
-                    x = x.to(device=device, dtype=dtype)
-                else:
-                    x = x.to(device=device)
-                model(x)
+                model(_as_input(x, model))
                 seen += len(x)
                 bar.update(len(x))
     finally:
         for h in handles:
             h.remove()
-        for m, training in modes.items():
-            m.training = training
 
     if seen == 0:
         raise ValueError("the calibration data is empty")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import trange
 
-from .measure import _eval, accuracy
+from .measure import _as_input, _eval, accuracy
 
 
 @dataclass
@@ -145,7 +145,7 @@ def _epoch(model, loader, optimizer, scheduler, teacher, alpha, temperature):
     correct = torch.zeros((), device=parameter.device, dtype=torch.long)
     seen = 0
     for x, y in loader:
-        x = x.to(parameter.device, parameter.dtype) if x.is_floating_point() else x.to(parameter.device)
+        x = _as_input(x, model)
         y = y.to(parameter.device)
         z = model(x)
         if teacher is None:

@@ -307,9 +307,8 @@ def corrected_target(W: torch.Tensor, Sigma_hat: torch.Tensor, C: torch.Tensor, 
     if not (isinstance(C, torch.Tensor) and C.shape == (d, d) and torch.isfinite(C).all()):
         raise ValueError(f"C must be a finite [{d}, {d}] matrix")
     Sigma_delta = ridged(Sigma_hat, ridge)
-    delta = ridge * float(Sigma_hat.diagonal().mean())          # the δ that ridged added
     W64 = _to64(W)
-    rhs = W64 @ C.to(W64) + delta * W64                                   # [T, d]
+    rhs = W64 @ (C.to(W64) + Sigma_delta - Sigma_hat)                     # W C + δ W  [T, d]
     W_eff = torch.cholesky_solve(rhs.T, torch.linalg.cholesky(Sigma_delta)).T  # Σ_δ symmetric
     return W_eff.to(W.dtype), Sigma_delta
 
