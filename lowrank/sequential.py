@@ -23,7 +23,7 @@ from .decompose.weighted import corrected_target
 from .informed import factorize
 from .measure import _as_input, _eval
 from .plans import Plan
-from .stats import _batches, input_vectors
+from .stats import _batches, patch_gram, patch_sum
 from .surgery import _dense, _replace
 
 
@@ -48,6 +48,61 @@ def _input_of(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tens
     finally:
         handle.remove()
     return captured[0]
+
+
+class _Replay:
+    """Replays the outputs of the modules that no longer change while the layers are compressed
+    one by one, so that each step's forward pass only computes what follows the last change.
+
+    :meth:`freeze` wraps the largest submodules that contain no layer still to compress: when
+    such a module is called again, for the same batch and the same call in the pass, with inputs
+    equal to last time's, it returns (a copy of) last time's output. Anything else (other
+    inputs, keyword arguments, non-tensor inputs or outputs) runs the module as usual.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model, self.cache, self.wrapped, self.calls, self.batch = model, {}, {}, {}, None
+
+    def start(self, batch: int):
+        """Call before each forward pass: which batch it runs on."""
+        self.batch, self.calls = batch, {}
+
+    def freeze(self, remaining):
+        """Wrap the largest submodules holding none of the ``remaining`` layer names."""
+        def frozen(name):
+            return not any(name == "" or r == name or r.startswith(name + ".") for r in remaining)
+
+        roots = [n for n, _ in self.model.named_modules() if frozen(n) and not frozen(n.rpartition(".")[0])]
+        self.release()
+        self.cache = {n: self.cache.get(n, {}) for n in roots}
+        for name in roots:
+            module = self.model.get_submodule(name)
+            self.wrapped[name] = (module, module.__dict__.get("forward"))
+            module.forward = self._replaying(name, module.forward)
+
+    def release(self):
+        """Unwrap every module (the cache is kept)."""
+        for module, own in self.wrapped.values():
+            del module.forward
+            if own is not None:
+                module.forward = own
+        self.wrapped = {}
+
+    def _replaying(self, name, forward):
+        def replaying(*args, **kwargs):
+            call = self.calls[name] = self.calls.get(name, -1) + 1
+            key = (self.batch, call)
+            if kwargs or not all(isinstance(a, torch.Tensor) for a in args):
+                return forward(*args, **kwargs)
+            seen = self.cache[name].get(key)
+            if seen is not None and len(seen[0]) == len(args) and all(
+                    a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(args, seen[0])):
+                return seen[1].clone()
+            out = forward(*args)
+            if isinstance(out, torch.Tensor):
+                self.cache[name][key] = ([a.clone() for a in args], out.clone())
+            return out
+        return replaying
 
 
 def _layer_inputs(model: nn.Module, names, batches) -> dict:
@@ -104,22 +159,30 @@ def compress_sequential(model: nn.Module, plan: Plan, data, limit: int | None = 
     new = copy.deepcopy(model)
     flags = {name: m.training for name, m in model.named_modules()}
     new.eval()
+    replay = _Replay(new)
     with _eval(model), torch.no_grad():
         inputs = _layer_inputs(model, plan.compressed(), batches)
-        for name in tqdm(list(inputs), desc="compress (sequential)", disable=not progress, leave=False):
+        names = list(inputs)
+        for step, name in enumerate(tqdm(names, desc="compress (sequential)", disable=not progress, leave=False)):
             entry = plan[name]
             dense, original = _dense(new, name, entry), model.get_submodule(name)
             gram = cross = 0
             count = 0
-            for x, x_original in zip(batches, inputs.pop(name)):
-                X = input_vectors(original, x_original)
-                X_hat = input_vectors(dense, _input_of(new, dense, x))
-                G, K = X_hat.T @ X_hat, X.T @ X_hat            # in the activations' precision
+            try:
+                replay.freeze(names[step:])
+                x_hats = []
+                for b, x in enumerate(batches):
+                    replay.start(b)
+                    x_hats.append(_input_of(new, dense, x))
+            finally:
+                replay.release()
+            for x_hat, x_original in zip(x_hats, inputs.pop(name)):
+                G, K = patch_gram(dense, x_hat), patch_gram(original, x_original, x_hat)  # X̂ᵀX̂, XᵀX̂
                 if not torch.isfinite(G.diagonal()).all():      # a NaN/inf in x̂ shows in its Σ x̂_i²
                     raise ValueError(f"layer {name!r}: its input in the compressed model holds NaN or "
                                      "infinite values")
-                gram, cross = gram + G.double(), cross + K.double()
-                count += X.shape[0]
+                gram, cross = gram + G.double(), cross + K.double()   # batch in float32, sums in float64
+                count += patch_sum(original, x_original)[1]
             W = original.weight.detach()
             W_eff, Sigma = corrected_target(W.reshape(W.shape[0], -1), gram / count, cross / count, ridge)
             layer = factorize(dense, entry, Sigma, weight=W_eff.reshape(W.shape), **options)

@@ -100,3 +100,66 @@ def test_bad_input_raises():
     plan = lr.plan(shared, "svd", {"0": 2}, input_size=(6, 8, 8), norm="data")
     with pytest.raises(ValueError, match="more than once"):
         lr.compress_sequential(shared, plan, x, progress=False)
+
+
+class Block(nn.Module):
+    """A residual block with in-place ops and one activation module used twice. (Leaky ReLUs:
+    applied twice they are not the same, unlike ReLUs, so a stale replay would show.)"""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels)
+        self.conv2, self.bn2 = nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels)
+        self.act = nn.LeakyReLU(0.1)
+
+    def forward(self, x):
+        out = nn.functional.leaky_relu_(self.bn1(self.conv1(x)), 0.1)    # in place on bn1's output
+        out = self.act(self.bn2(self.conv2(out)))
+        out += x
+        return self.act(out)
+
+
+def residual_net(seed=0):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8), nn.LeakyReLU(0.1),
+                        Block(8), Block(8), nn.Flatten(), nn.Linear(8 * 8 * 8, 3))
+    for m in net.modules():   # BatchNorm statistics that are not the identity
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+def test_replaying_frozen_modules_changes_nothing(monkeypatch):
+    """Each step replays the unchanged front of the network instead of recomputing it: the
+    result must be the same as without."""
+    model, x = residual_net(), correlated_images(n=20)
+    plan = lr.plan(model, "tucker2", 0.5, exclude=["0", "6"], input_size=(6, 8, 8), norm="data")
+    replayed = lr.compress_sequential(model, plan, x, batch_size=8, progress=False)
+    calls = []
+    monkeypatch.setattr(lr.sequential._Replay, "freeze", lambda self, remaining: calls.append(remaining))
+    recomputed = lr.compress_sequential(model, plan, x, batch_size=8, progress=False)
+    assert len(calls) == 4          # the four block convs, one step each
+    for (k, a), b in zip(replayed.state_dict().items(), recomputed.state_dict().values()):
+        assert torch.equal(a, b), k
+    with torch.no_grad():
+        assert torch.equal(replayed(x), recomputed(x))
+    assert all("forward" not in vars(m) for m in replayed.modules())   # no wrapper left behind
+
+
+def test_replay_returns_the_output_of_the_same_input_only():
+    net = residual_net()
+    replay = lr.sequential._Replay(net)
+    runs = []                                    # real runs of block 3 (frozen, wrapped whole)
+    net[3].conv1.register_forward_hook(lambda m, a, out: runs.append(1))
+    x, z = correlated_images(n=4), correlated_images(n=4, seed=1)
+    with torch.no_grad():
+        expected = {id(x): net(x), id(z): net(z)}
+        runs.clear()
+        replay.freeze(["4.conv2"])               # frozen: 0-3, 4.conv1, 4.bn1, 4.act, 5 and 6
+        for batch, inputs in [(0, x), (0, x), (1, x), (0, z), (0, x), (0, x)]:
+            replay.start(batch)
+            assert torch.equal(net(inputs), expected[id(inputs)])
+        replay.release()
+    assert len(runs) == 4                        # replayed: the second (0, x) and the last one
+    assert not replay.wrapped and all("forward" not in vars(m) for m in net.modules())

@@ -3,7 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from lowrank.stats import LayerStats, calibrate, input_vectors, load_stats, save_stats
+from lowrank.stats import (LayerStats, calibrate, conv_padding, input_vectors, load_stats, patch_gram, patch_sum,
+                           save_stats)
 
 
 def brute_patches(x, kernel, stride, dilation, pads):
@@ -81,6 +82,26 @@ def test_same_padding_is_asymmetric_like_pytorch():
     torch.testing.assert_close(y, conv(x))
     s = calibrate(nn.Sequential(conv), x, progress=False)["0"]
     torch.testing.assert_close(s.second_moment, P.T @ P / len(P))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("kernel,stride,padding,dilation", [
+    (3, 1, 1, 1), (3, 1, 0, 1), ((3, 2), 1, (2, 0), (2, 1)), (3, 1, 4, 1), ((2, 4), 1, "same", (1, 2)),
+    (1, 1, 0, 1), ((5, 3), 1, (1, 3), 1), (3, 2, 1, 1), ((3, 2), (2, 1), (1, 2), (2, 1))])
+def test_patch_gram_equals_the_patch_matrix_product(kernel, stride, padding, dilation):
+    """Stride-1 convs take the shift-structured path (every padding: none, less or more than the
+    kernel, 'same' with an even kernel); the rest X.T @ Y. Both against loop-built patches."""
+    torch.manual_seed(8)
+    conv = nn.Conv2d(3, 2, kernel, stride=stride, padding=padding, dilation=dilation).double()
+    x, y = torch.randn(2, 2, 3, 7, 9, dtype=torch.float64).unbind(0)
+    left, right, top, bottom = conv_padding(conv)
+    X, Y = (brute_patches(z, conv.kernel_size, conv.stride, conv.dilation, (top, bottom, left, right))
+            for z in (x, y))
+    torch.testing.assert_close(patch_gram(conv, x), X.T @ X, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(patch_gram(conv, x, y), X.T @ Y, rtol=1e-12, atol=1e-12)
+    total, count = patch_sum(conv, x)
+    torch.testing.assert_close(total, X.sum(0))
+    assert count == len(X)
 
 
 def test_linear_flattens_leading_dims_and_float32_is_close():
