@@ -143,8 +143,9 @@ def compress_sequential(model: nn.Module, plan: Plan, data, limit: int | None = 
     ``plan``: made with ``norm="data"``. ``data``: a Dataset of ``(x, y)`` pairs, a DataLoader or
     a tensor of inputs [N, ...], at most ``limit`` samples (``None``: all of them). Costs one
     forward pass of ``model`` over the data, whose inputs to the factorized layers are kept in
-    memory (about 0.5 GB for ResNet-56 and 256 CIFAR images), then per factorized layer one pass
-    of the new model that stops at that layer. ``options`` go to the ALS of Tucker-2 and CP.
+    memory (about 0.5 GB for ResNet-56 and 256 CIFAR images), then per factorized layer a pass
+    of the new model that stops at that layer and replays the modules before the last change
+    (about one forward pass of the new model in all). ``options`` go to the ALS of Tucker-2 and CP.
     ``model`` is left untouched; the new model has its train/eval flags.
 
     Raises ``ValueError`` for a plan not made with ``norm="data"``, empty data, a layer that runs
