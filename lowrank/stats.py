@@ -109,7 +109,11 @@ def input_vectors(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"expected nn.Linear or nn.Conv2d, got {type(layer).__name__}")
 
 
-_POSITIONS = 8192
+_CHUNK_PIXELS = 8192   # per conv weight gradient, which sums a whole chunk in one float32 accumulator
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _shifted_gram(conv: nn.Conv2d, x: torch.Tensor, y=None) -> torch.Tensor:
@@ -120,8 +124,7 @@ def _shifted_gram(conv: nn.Conv2d, x: torch.Tensor, y=None) -> torch.Tensor:
     Eh, Ew = (d * (k - 1) for d, k in zip(dilation, conv.kernel_size))   # the "full" padding
     y_ = x if y is None else y
     # C[s, s', a, b] = Σ_{n,q} x[n,s,q] y[n,s',q + Δ], Δ = dilation·(a − kh + 1, b − kw + 1)
-    # (in chunks of about _POSITIONS pixels: the kernel sums over the batch in one accumulator)
-    step = max(1, _POSITIONS // (H * W))
+    step = max(1, _CHUNK_PIXELS // (H * W))      # images per chunk; chunks are summed in float64
     C = sum(torch.nn.grad.conv2d_weight(y_[n:n + step], (S, S, 2 * kh - 1, 2 * kw - 1),
                                         x[n:n + step], padding=(Eh, Ew), dilation=dilation).double()
             for n in range(0, N, step)).to(x.dtype)
@@ -170,7 +173,7 @@ def _shifted_gram(conv: nn.Conv2d, x: torch.Tensor, y=None) -> torch.Tensor:
 
 def patch_gram(layer: nn.Module, x: torch.Tensor, y=None) -> torch.Tensor:
     """``Xᵀ Y`` [d, d] for ``X = input_vectors(layer, x)`` and ``Y`` the same of ``y`` (default
-    ``x``): the sum over the layer's input vectors of ``x_p y_pᵀ``, in x's dtype.
+    ``x``): the sum over the layer's input vectors of ``x_p y_pᵀ``, in x's dtype (at least float32).
 
     For a stride-1 conv the patches are never built. Block ((i, j), (i', j')) of the Gram
     (kernel taps) is Σ_q x[q] y[q + Δ], Δ = dilation·(i' − i, j' − j), summed over the output
@@ -183,6 +186,7 @@ def patch_gram(layer: nn.Module, x: torch.Tensor, y=None) -> torch.Tensor:
     """
     if y is not None and y.shape != x.shape:
         raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} must have the same shape")
+    x, y = _at_least_float32(x), None if y is None else _at_least_float32(y)
     if isinstance(layer, nn.Conv2d) and layer.stride == (1, 1) and x.dim() == 4:
         return _shifted_gram(layer, x, y)
     X = input_vectors(layer, x)
@@ -194,6 +198,7 @@ def patch_sum(layer: nn.Module, x: torch.Tensor):
 
     im2col is linear, so a conv's patch sum is that of the batch-summed image.
     """
+    x = _at_least_float32(x)
     if isinstance(layer, nn.Conv2d):
         x = x.unsqueeze(0) if x.dim() == 3 else x
         X = input_vectors(layer, x.sum(0, keepdim=True))
@@ -210,7 +215,6 @@ class _Accumulator:
 
     def __call__(self, layer, inputs, output):
         x = inputs[0]
-        x = x.to(torch.promote_types(x.dtype, torch.float32))
         G = patch_gram(layer, x)  # one batch in the activations' precision, then added in float64
         if not torch.isfinite(G.diagonal()).all():  # a NaN/inf entry of x shows in its Σ x_i²
             raise ValueError(f"layer {self.name!r}: its input holds NaN or infinite values")

@@ -102,6 +102,9 @@ def test_patch_gram_equals_the_patch_matrix_product(kernel, stride, padding, dil
     total, count = patch_sum(conv, x)
     torch.testing.assert_close(total, X.sum(0))
     assert count == len(X)
+    low = patch_gram(conv.float(), x.bfloat16())          # low precision is accumulated in float32
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low.double(), X.T @ X, rtol=2e-2, atol=2e-2 * float((X.T @ X).abs().max()))
 
 
 def test_linear_flattens_leading_dims_and_float32_is_close():
