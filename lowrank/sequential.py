@@ -69,8 +69,8 @@ class _Replay:
 
     def freeze(self, remaining):
         """Wrap the largest submodules holding none of the ``remaining`` layer names."""
-        def frozen(name):
-            return not any(name == "" or r == name or r.startswith(name + ".") for r in remaining)
+        def frozen(name):   # the model itself ("") holds every remaining layer
+            return name != "" and not any(r == name or r.startswith(name + ".") for r in remaining)
 
         roots = [n for n, _ in self.model.named_modules() if frozen(n) and not frozen(n.rpartition(".")[0])]
         self.release()
