@@ -1,6 +1,10 @@
 """Measuring a model: parameters, multiply–accumulates, latency, accuracy, and one table of all."""
+import functools
 import html
 import logging
+import math
+import os
+import platform
 from dataclasses import dataclass
 
 import torch
@@ -59,17 +63,31 @@ class _eval:
             m.training = mode
 
 
+@functools.cache
+def machine() -> str:
+    """The processor this runs on and its core count, e.g. ``"AMD EPYC 7B13, 2 cores"``."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {os.cpu_count()} cores"
+
+
 @dataclass(frozen=True)
 class Latency:
-    """Median wall time of one forward pass of a batch, with the conditions it was measured in."""
+    """Median wall time of one forward pass of a batch, with its spread (interquartile range of
+    the timed blocks) and the conditions it was measured in."""
     seconds: float
     batch_size: int
     threads: int
     device: str
+    iqr: float = float("nan")
 
     def __str__(self):
-        return (f"{self.seconds * 1e3:.2f} ms (batch {self.batch_size}, {self.threads} "
-                f"thread{'s' * (self.threads > 1)}, {self.device})")
+        return (f"{self.seconds * 1e3:.2f} ms ± {self.iqr * 1e3 / 2:.2f} (half IQR; batch {self.batch_size}, "
+                f"{self.threads} thread{'s' * (self.threads > 1)}, {self.device}: {machine()})")
 
 
 def latency(model, batch_size: int = 1, input_size=(3, 32, 32), threads: int | None = None,
@@ -77,7 +95,8 @@ def latency(model, batch_size: int = 1, input_size=(3, 32, 32), threads: int | N
     """Median forward time of ``model`` on a batch of zeros, via ``torch.utils.benchmark``.
 
     ``warmup`` untimed calls first, then ``Timer.blocked_autorange`` repeats for at least
-    ``min_run_time`` seconds. ``threads`` defaults to ``torch.get_num_threads()``.
+    ``min_run_time`` seconds. ``threads`` defaults to ``torch.get_num_threads()``. Returns a
+    :class:`Latency` (median and interquartile range over the timed blocks).
     """
     threads = threads or torch.get_num_threads()
     device = _device(model)
@@ -86,8 +105,8 @@ def latency(model, batch_size: int = 1, input_size=(3, 32, 32), threads: int | N
         for _ in range(warmup):
             model(x)
         timer = benchmark.Timer("model(x)", globals={"model": model, "x": x}, num_threads=threads)
-        median = timer.blocked_autorange(min_run_time=min_run_time).median
-    return Latency(median, batch_size, threads, str(device))
+        measured = timer.blocked_autorange(min_run_time=min_run_time)
+    return Latency(measured.median, batch_size, threads, str(device), measured.iqr)
 
 
 class Accuracy(float):
@@ -122,6 +141,45 @@ def accuracy(model, data, batch_size: int = 256) -> Accuracy:
     """Top-1 accuracy of ``model`` on ``data`` (a Dataset of (x, y) or a DataLoader)."""
     predicted, truth = predictions(model, data, batch_size)
     return Accuracy(int((predicted == truth).sum()), len(truth))
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Accuracy of model a minus that of model b on the same images, with its standard error.
+
+    ``difference`` and ``se`` are fractions (multiply by 100 for points); ``only_a``/``only_b``
+    count the images that one model gets right and the other wrong, ``total`` the images. The
+    standard error of a paired difference of proportions, √((n_a + n_b) − (n_a − n_b)²/n) / n,
+    is far smaller than that of two independent accuracies when the models mostly agree.
+    """
+    difference: float
+    se: float
+    only_a: int
+    only_b: int
+    total: int
+
+    @classmethod
+    def from_correct(cls, a: torch.Tensor, b: torch.Tensor) -> "Paired":
+        """From two boolean vectors [N]: which images each model classifies correctly."""
+        a, b = torch.as_tensor(a, dtype=torch.bool), torch.as_tensor(b, dtype=torch.bool)
+        if a.shape != b.shape or a.dim() != 1 or len(a) == 0:
+            raise ValueError(f"expected two non-empty vectors of the same length, got {tuple(a.shape)}, "
+                             f"{tuple(b.shape)}")
+        n, only_a, only_b = len(a), int((a & ~b).sum()), int((b & ~a).sum())
+        se = math.sqrt(max(only_a + only_b - (only_a - only_b) ** 2 / n, 0.0)) / n
+        return cls((only_a - only_b) / n, se, only_a, only_b, n)
+
+    def __str__(self):
+        return (f"{100 * self.difference:+.2f} ± {100 * self.se:.2f} points (paired on {self.total:,} images; "
+                f"{self.only_a} right only for a, {self.only_b} only for b)")
+
+
+def paired(model_a, model_b, data, batch_size: int = 256) -> Paired:
+    """Accuracy of ``model_a`` minus that of ``model_b`` on the same ``data``, with its paired
+    standard error (:class:`Paired`): the comparison to assert claims with."""
+    predicted_a, truth = predictions(model_a, data, batch_size)
+    predicted_b, _ = predictions(model_b, data, batch_size)
+    return Paired.from_correct(predicted_a == truth, predicted_b == truth)
 
 
 class Table:

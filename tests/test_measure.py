@@ -55,3 +55,28 @@ def test_compare_is_paired_and_relative_to_the_first_model():
     assert table["b"]["agreement"] == 1.0 and table["b"]["params ×"] == 1.0
     assert table["a"]["accuracy"] == measure.accuracy(model, data)
     assert "<table>" in table._repr_html_() and "agreement" in str(table)
+
+
+def test_latency_reports_its_spread_and_machine():
+    result = measure.latency(nn.Linear(8, 8), input_size=(8,), threads=1, min_run_time=0.05)
+    assert result.iqr >= 0 and measure.machine() in str(result) and "IQR" in str(result)
+
+
+def test_paired_difference_and_its_standard_error():
+    a = torch.tensor([1, 1, 1, 0, 1, 0, 1, 1], dtype=torch.bool)
+    b = torch.tensor([1, 0, 1, 0, 1, 1, 0, 1], dtype=torch.bool)
+    d = measure.Paired.from_correct(a, b)
+    assert (d.only_a, d.only_b, d.total) == (2, 1, 8) and d.difference == pytest.approx(1 / 8)
+    # the standard deviation of the per-image differences a_i − b_i, divided by √n
+    diffs = a.double() - b.double()
+    assert d.se == pytest.approx(diffs.std(unbiased=False).item() / 8 ** 0.5)
+    assert measure.Paired.from_correct(a, a).se == 0
+    with pytest.raises(ValueError, match="same length"):
+        measure.Paired.from_correct(a, b[:3])
+
+
+def test_paired_compares_two_models_on_the_same_images():
+    model = lr.models.resnet20()
+    data = lr.data.cifar10("test", limit=64)
+    d = measure.paired(model, model, data)
+    assert d.difference == 0 and d.se == 0 and d.total == 64

@@ -182,3 +182,22 @@ def test_finetune_pretrained_resnet20_on_real_cifar10():
     # a pretrained model already fits its training images: self-distillation starts near zero KL
     assert history.train_accuracy[0] > 0.8
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in saved.items())
+
+
+def test_channels_last_trains_the_same_and_returns_the_default_layout():
+    x = torch.randn(96, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    data = TensorDataset(x, (x.mean((1, 2, 3)) > 0).long())
+
+    def conv_net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2))
+
+    teacher = conv_net()
+    a, b = conv_net(), conv_net()
+    ha = fit(a, data, epochs=2, batch_size=32, teacher=teacher, channels_last=True, progress=False)
+    hb = fit(b, data, epochs=2, batch_size=32, teacher=teacher, channels_last=False, progress=False)
+    assert ha.loss == pytest.approx(hb.loss, rel=1e-4)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+        assert p.is_contiguous()
+    assert teacher[0].weight.is_contiguous()     # the teacher itself never changed layout
