@@ -50,21 +50,28 @@ def _keywords(functions) -> set:
 
 
 def _options(plan: Plan, options: dict) -> dict:
-    """``{name: the options its factorization takes}`` for the plan's factorized layers; raises
-    ``ValueError`` for an option that none of them takes, saying which methods do."""
+    """``{name: the options its factorization takes}`` for the plan's factorized layers.
+
+    An option that no method of the plan's norm takes raises ``ValueError`` (saying which
+    methods take it); one that only methods absent from this plan take is ignored, so that one
+    set of options serves plans of several methods; ``ridge`` with a frobenius plan is CP-ALS's
+    and must reach a CP layer.
+    """
     kind = lambda e: e["method"] if e["type"] == "Conv2d" else "Linear"
+    entry = lambda m: {"type": "Linear" if m == "Linear" else "Conv2d", "method": "svd" if m == "Linear" else m}
     per_layer = {n: _keywords(_calls(plan.norm, plan[n])) for n in plan.compressed()}
+    of_norm = set().union(*(_keywords(_calls(plan.norm, entry(m))) for m in [*METHODS, "Linear"]))
     for option in options:
-        if not any(option in keys for keys in per_layer.values()):
-            where = [f"{m} ({norm})" for norm in ("frobenius", "data") for m in [*METHODS, "Linear"]
-                     if option in _keywords(_calls(norm, {"type": "Linear" if m == "Linear" else "Conv2d",
-                                                          "method": "svd" if m == "Linear" else m}))]
-            where += ["compress itself with norm='data' (the ridge of Σ)"] * (option == "ridge")
-            takes = {kind(plan[n]): sorted(keys) for n, keys in per_layer.items() if keys}
-            raise ValueError(f"no layer of this plan ({', '.join(sorted({kind(plan[n]) for n in per_layer}))}; "
-                             f"{plan.norm} norm) takes the option {option!r}; "
-                             + (f"it is an option of {', '.join(where)}" if where else "no method takes it")
-                             + "".join(f"; {m} takes {k}" for m, k in takes.items()))
+        if any(option in keys for keys in per_layer.values()) or (option in of_norm and option != "ridge"):
+            continue
+        where = [f"{m} ({norm})" for norm in ("frobenius", "data") for m in [*METHODS, "Linear"]
+                 if option in _keywords(_calls(norm, entry(m)))]
+        where += ["compress itself with norm='data' (the ridge of Σ)"] * (option == "ridge")
+        takes = {kind(plan[n]): sorted(keys) for n, keys in per_layer.items() if keys}
+        raise ValueError(f"no layer of this plan ({', '.join(sorted({kind(plan[n]) for n in per_layer}))}; "
+                         f"{plan.norm} norm) takes the option {option!r}; "
+                         + (f"it is an option of {', '.join(where)}" if where else "no method takes it")
+                         + "".join(f"; {m} takes {k}" for m, k in takes.items()))
     return {n: {k: v for k, v in options.items() if k in per_layer[n]} for n in per_layer}
 
 
@@ -127,9 +134,10 @@ def compress(model, plan: Plan, stats=None, progress: bool = True, ridge: float 
     and each layer minimises its output error plus ``ridge``-weighted weight error (Σ + δ I, see
     :func:`lowrank.decompose.weighted.ridged`; default ``ridge=1e-3``). ``options`` go to the
     decompositions that take them (e.g. ``n_iter_max`` to CP-ALS, ``n_iter`` to the Σ-weighted
-    ALS; with a frobenius plan ``ridge`` is CP-ALS's ridge): each is checked against the
-    signatures of the plan's methods before any work, and an option that none of them takes
-    raises ``ValueError``. An error in a layer's factorization names the layer.
+    ALS; with a frobenius plan ``ridge`` is CP-ALS's ridge), read from their signatures. Before
+    any work, an option that no method of the plan's norm takes raises ``ValueError`` (naming the
+    methods that take it); a layer whose method does not take an option ignores it, so one set
+    of options serves plans of several methods. An error in a layer's factorization names it.
     """
     if plan.norm == "data":
         ridge = 1e-3 if ridge is None else ridge
