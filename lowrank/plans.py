@@ -208,6 +208,8 @@ def _priced(name: str, e: dict) -> dict:
         raise ValueError(f"{name} ({method}, rank {e['rank']!r}): {error}; change it with "
                          f"plan.edit({name!r}, rank=...)") from None
     e.update(params=[dense[0], small[0]], macs=[calls * dense[1], calls * small[1]])
+    if method != "dense":
+        e["note"] = "" if small[0] < dense[0] else f"saves nothing ({small[0]:,} ≥ {dense[0]:,} parameters)"
     e.setdefault("note", "")
     return e
 
@@ -320,6 +322,8 @@ class Plan:
         if method is None:
             raise ValueError(f"{name}: give a method to factorize a layer the plan keeps dense")
         rank = e["rank"] if rank is None else rank
+        if rank is None and method != "dense":
+            raise ValueError(f"{name}: give a rank (plan.edit({name!r}, rank=...)): the plan has none for it")
         if method == "dense":
             self.layers[name] = {**e, "method": "dense", "note": "kept dense by hand"}
             self.check()
@@ -368,7 +372,8 @@ class Plan:
         kinds = {}
         for e in self.layers.values():
             if e["method"] == "dense":
-                kind = "no saving" if e["note"].startswith("rank") else e["note"] or "by hand"
+                kind = "no saving" if e["note"].startswith("rank") else (
+                    "no rank given" if e["note"] == "no rank given" else "by hand")
                 kinds[kind] = kinds.get(kind, 0) + 1
         for s in (self.skipped or {}).values():
             kinds[s["kind"]] = kinds.get(s["kind"], 0) + 1
@@ -420,15 +425,16 @@ def _probe(model, input_size):
     sizes, calls, hooks = {}, {}, []
 
     def record(name):
-        def hook(module, inputs, output):
-            if inputs and isinstance(inputs[0], torch.Tensor):
-                sizes.setdefault(name, tuple(inputs[0].shape[1:]))
+        def hook(module, args, kwargs, output):
+            x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+            if x is not None:
+                sizes.setdefault(name, tuple(x.shape[1:]))
             calls[name] = calls.get(name, 0) + 1
         return hook
 
     for name, m in model.named_modules():
         if isinstance(m, CANDIDATES):
-            hooks.append(m.register_forward_hook(record(name)))
+            hooks.append(m.register_forward_hook(record(name), with_kwargs=True))
     try:
         with measure._eval(model), torch.no_grad():
             model(measure.zeros(model, input_size))

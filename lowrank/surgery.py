@@ -22,11 +22,6 @@ def _replace(model, name, new):
         setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def _dense(model, name, entry):
-    """The module ``name`` of ``model`` (the plan is checked against the model beforehand)."""
-    return model.get_submodule(name)
-
-
 def _calls(norm: str, entry: dict) -> list:
     """The functions that factorize ``entry``'s layer, in the order their keyword options pass on."""
     if norm == "data":   # lowrank.informed.factorize passes options to the ALS only

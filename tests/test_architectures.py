@@ -57,6 +57,7 @@ def test_full_rank_round_trip_is_exact_and_costs_match(name, tmp_path):
     for e in plan.layers.values():
         e["method"] = "svd"
     text = str(plan)
+    assert all(e["note"].startswith("saves nothing") for e in plan.layers.values())
     assert set(plan) | set(plan.skipped) == set(candidates) and not set(plan) & set(plan.skipped)
     for reason, count in skipped.items():
         listed = [n for n, s in plan.skipped.items() if s["reason"].startswith(reason)]

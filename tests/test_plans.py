@@ -215,6 +215,9 @@ def test_plans_edited_into_nonsense_say_which_layer_and_what_to_do(resnet20):
     del text["layers"]["linear"]["config"]
     with pytest.raises(ValueError, match=r"linear: the plan entry lacks \['config'\]"):
         lr.Plan.from_json(json.dumps(text))
+    partial = lr.plan(resnet20, "svd", {"layer1.0.conv1": 2}, include=["layer1.0.*"])
+    with pytest.raises(ValueError, match=r"layer1.0.conv2: give a rank \(plan.edit"):
+        partial.edit("layer1.0.conv2", method="tucker2")
     with pytest.raises(ValueError, match="a svd rank is one integer"):
         lr.plan(resnet20, "svd", 0.5).edit("layer1.0.conv1", rank=[2, 2])
     with pytest.raises(ValueError, match="spatial SVD has no data-informed version"):
