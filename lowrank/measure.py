@@ -36,13 +36,20 @@ def _as_input(x: torch.Tensor, model) -> torch.Tensor:
     return x.to(_device(model))
 
 
+def zeros(model, input_size, batch_size: int = 1) -> torch.Tensor:
+    """A batch of zeros [batch_size, *input_size] on ``model``'s device, in its floating-point dtype."""
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    dtype = torch.get_default_dtype() if p is None else p.dtype
+    return torch.zeros(batch_size, *input_size, device=_device(model), dtype=dtype)
+
+
 def macs(model: torch.nn.Module, input_size=(3, 32, 32)) -> int:
     """Multiply–accumulates of one forward pass on one input of shape ``input_size``.
 
     Counted by ``torch.utils.flop_counter.FlopCounterMode`` (which counts 2 FLOPs per MAC in
     convolutions and matrix products; normalisation, activations and additions are not counted).
     """
-    x = torch.zeros(1, *input_size, device=_device(model))
+    x = zeros(model, input_size)
     with _eval(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x)
     return counter.get_total_flops() // 2
@@ -100,7 +107,7 @@ def latency(model, batch_size: int = 1, input_size=(3, 32, 32), threads: int | N
     """
     threads = threads or torch.get_num_threads()
     device = _device(model)
-    x = torch.zeros(batch_size, *input_size, device=device)
+    x = zeros(model, input_size, batch_size)
     with _eval(model), torch.no_grad():
         for _ in range(warmup):
             model(x)

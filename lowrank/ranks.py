@@ -96,14 +96,20 @@ def _per_matrix(layer, choose):
 
 
 def energy_rank(s, tau: float) -> int:
-    """Smallest k with Σ_{i≤k} s_i² ≥ τ Σ_i s_i² (ARSVD's energy rule); ``s`` sorted descending."""
+    """Smallest k with Σ_{i≤k} s_i² ≥ τ Σ_i s_i² (ARSVD's energy rule); ``s`` sorted descending.
+    A zero matrix (all s_i = 0) gets rank 1, which represents it exactly."""
     s = s.double()
+    if not s.any():
+        return 1
     share = (s.square().cumsum(0) / s.square().sum()).tolist()
     return next(k + 1 for k, v in enumerate(share) if v >= tau - 1e-12)
 
 
 def entropy_rank(s, tau: float) -> int:
-    """Smallest k with −Σ_{i≤k} p_i log p_i ≥ τ H, p = s / Σ s (ARSVD's entropy rule)."""
+    """Smallest k with −Σ_{i≤k} p_i log p_i ≥ τ H, p = s / Σ s (ARSVD's entropy rule); a zero
+    matrix gets rank 1. A spectrum with one nonzero value has H = 0: rank 1."""
+    if not s.any() or int((s > 0).sum()) == 1:
+        return 1
     p = s.double() / s.sum()
     terms = -(p * p.clamp_min(1e-300).log())
     share = (terms.cumsum(0) / terms.sum()).tolist()
@@ -162,13 +168,18 @@ def _singular_values(M):
 
 def _gains(s, score: str) -> list:
     """Share of the layer's total score that each singular value adds: σ_i²/Σσ² (energy) or
-    −p_i log p_i / H with p = σ/Σσ (entropy). ``s`` sorted descending; returns a list."""
+    −p_i log p_i / H with p = σ/Σσ (entropy). ``s`` sorted descending; returns a list (all zero
+    for a zero matrix, whose rank 1 is exact)."""
     s = s.double()
+    if not s.any():
+        return [0.0] * len(s)
     if score == "energy":
         terms = s.square()
     else:
         p = s / s.sum()
         terms = -(p * p.clamp_min(1e-300).log())
+    if not terms.sum() > 0:   # entropy of a spectrum with one nonzero value: all in the first
+        return [1.0] + [0.0] * (len(s) - 1)
     return (terms / terms.sum()).tolist()
 
 
@@ -326,6 +337,8 @@ class budget:
                     continue
                 new = tuple(k + 1 if m == mode else v for m, v in enumerate(r)) if c.tucker else k + 1
                 gain = (len(g) - here) if not c.saves(new) else g[mode][k]  # dense: score 1 per mode
+                if gain <= 0:
+                    continue   # nothing to gain (a zero matrix, or singular values that are zero)
                 step = c(new) - c(r)
                 heapq.heappush(heap, (-gain / max(step, 1e-12), i, mode, r, new, step))
 
@@ -365,7 +378,9 @@ class budget:
 
 
 def _first_reaching(shares: list, tau: float) -> int:
-    """Smallest k ≥ 1 with shares[0] + … + shares[k−1] ≥ τ (shares sum to 1)."""
+    """Smallest k ≥ 1 with shares[0] + … + shares[k−1] ≥ τ (shares sum to 1; all zero: 1)."""
+    if not any(shares):
+        return 1
     total = 0.0
     for k, v in enumerate(shares):
         total += v

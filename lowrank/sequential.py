@@ -24,7 +24,7 @@ from .informed import factorize
 from .measure import _as_input, _eval
 from .plans import Plan
 from .stats import _batches, patch_gram, patch_sum
-from .surgery import _dense, _replace
+from .surgery import _failed, _replace, prepare
 
 
 class _Stop(Exception):
@@ -148,12 +148,14 @@ def compress_sequential(model: nn.Module, plan: Plan, data, limit: int | None = 
     (about one forward pass of the new model in all). ``options`` go to the ALS of Tucker-2 and CP.
     ``model`` is left untouched; the new model has its train/eval flags.
 
-    Raises ``ValueError`` for a plan not made with ``norm="data"``, empty data, a layer that runs
+    Raises ``ValueError`` for a plan not made with ``norm="data"`` or not made for ``model``, an
+    option no layer of the plan takes (checked before any work), empty data, a layer that runs
     more than once per forward pass, or non-finite activations; ``RuntimeError`` for a planned
     layer the forward pass never reaches.
     """
     if not isinstance(plan, Plan) or plan.norm != "data":
         raise ValueError("sequential compression needs a plan made with lowrank.plan(..., norm='data')")
+    per_layer = prepare(model, plan, options)
     batches = [_as_input(x, model) for x in _batches(data, int(batch_size), limit)]
     if not batches:
         raise ValueError("the calibration data is empty")
@@ -166,7 +168,7 @@ def compress_sequential(model: nn.Module, plan: Plan, data, limit: int | None = 
         names = list(inputs)
         for step, name in enumerate(tqdm(names, desc="compress (sequential)", disable=not progress, leave=False)):
             entry = plan[name]
-            dense, original = _dense(new, name, entry), model.get_submodule(name)
+            dense, original = new.get_submodule(name), model.get_submodule(name)
             gram = cross = 0
             count = 0
             try:
@@ -185,8 +187,11 @@ def compress_sequential(model: nn.Module, plan: Plan, data, limit: int | None = 
                 gram, cross = gram + G.double(), cross + K.double()   # batch in float32, sums in float64
                 count += patch_sum(original, x_original)[1]
             W = original.weight.detach()
-            W_eff, Sigma = corrected_target(W.reshape(W.shape[0], -1), gram / count, cross / count, ridge)
-            layer = factorize(dense, entry, Sigma, weight=W_eff.reshape(W.shape), **options)
+            try:
+                W_eff, Sigma = corrected_target(W.reshape(W.shape[0], -1), gram / count, cross / count, ridge)
+                layer = factorize(dense, entry, Sigma, weight=W_eff.reshape(W.shape), **per_layer[name])
+            except (ValueError, torch.linalg.LinAlgError) as error:
+                raise _failed(name, entry, dense, error) from error
             _replace(new, name, layer)
     for name, m in new.named_modules():   # the flags of model; a new layer's parts get the old layer's
         m.training = flags.get(name, flags.get(name.rpartition(".")[0], model.training))

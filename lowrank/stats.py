@@ -6,6 +6,8 @@ by ``W̃``, where the columns of ``X`` are the layer's input vectors. Only ``Σ 
 enters that error, so :func:`calibrate` runs a calibration set through the model once and keeps,
 per layer, ``Σ x xᵀ``, ``Σ x`` and the count ``n`` — never the activations themselves.
 """
+import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -22,12 +24,15 @@ class LayerStats:
 
     ``second_moment`` [d, d] float64 is ``E[x xᵀ]``, ``mean`` [d] float64 is ``E[x]`` and
     ``count`` the number of vectors averaged. ``centered`` chooses which matrix :attr:`sigma` is.
+    ``fingerprint``: :func:`fingerprint` of the layer's weight when it was calibrated (statistics
+    are refused on a layer with other weights), ``None`` if unknown.
     """
 
     second_moment: torch.Tensor
     mean: torch.Tensor
     count: int
     centered: bool = False
+    fingerprint: list | None = None
 
     @property
     def dim(self) -> int:
@@ -47,12 +52,25 @@ class LayerStats:
     def to_dict(self) -> dict:
         """Plain tensors and numbers, loadable with ``torch.load(..., weights_only=True)``."""
         return {"second_moment": self.second_moment, "mean": self.mean,
-                "count": int(self.count), "centered": bool(self.centered)}
+                "count": int(self.count), "centered": bool(self.centered), "fingerprint": self.fingerprint}
 
     @classmethod
     def from_dict(cls, d: dict) -> "LayerStats":
         """Inverse of :meth:`to_dict`."""
-        return cls(d["second_moment"], d["mean"], int(d["count"]), bool(d["centered"]))
+        return cls(d["second_moment"], d["mean"], int(d["count"]), bool(d["centered"]), d.get("fingerprint"))
+
+
+def fingerprint(weight: torch.Tensor) -> list:
+    """``[Σ w, Σ w²]`` of a weight, in float64: enough to tell one layer's weights from another's."""
+    w = weight.detach().double()
+    return [float(w.sum()), float(w.square().sum())]
+
+
+def same_weights(fingerprint_: list, weight: torch.Tensor) -> bool:
+    """Whether ``weight`` has the :func:`fingerprint` ``fingerprint_`` (up to summation order)."""
+    now, scale = fingerprint(weight), 1e-9 * max(fingerprint_[1], 1e-300)
+    return (abs(now[1] - fingerprint_[1]) <= scale
+            and abs(now[0] - fingerprint_[0]) <= 1e-9 * math.sqrt(weight.numel() * fingerprint_[1]) + 1e-300)
 
 
 def save_stats(stats: dict, path) -> None:
@@ -67,15 +85,14 @@ def load_stats(path, map_location=None) -> dict:
 
 
 def conv_padding(conv: nn.Conv2d):
-    """Zero padding of ``conv`` as ``(left, right, top, bottom)``, the order of ``F.pad``.
+    """Padding of ``conv`` as ``(left, right, top, bottom)``, the order of ``F.pad`` (filled as
+    ``conv.padding_mode`` says: zeros, reflect, replicate or circular).
 
     ``padding="same"`` pads ``dilation*(k−1)`` in total per axis, the odd one on the right/bottom,
-    as PyTorch does. Raises ``ValueError`` for grouped convs and padding modes other than zeros.
+    as PyTorch does. Raises ``ValueError`` for grouped convs.
     """
     if conv.groups != 1:
         raise ValueError(f"grouped conv (groups={conv.groups}) is not supported")
-    if conv.padding_mode != "zeros":
-        raise ValueError(f"padding_mode={conv.padding_mode!r} is not supported, only 'zeros'")
     if conv.padding == "valid":
         return (0, 0, 0, 0)
     if conv.padding == "same":
@@ -83,6 +100,15 @@ def conv_padding(conv: nn.Conv2d):
         return (tw // 2, tw - tw // 2, th // 2, th - th // 2)
     ph, pw = conv.padding
     return (pw, pw, ph, ph)
+
+
+def _padded(conv: nn.Conv2d, x: torch.Tensor):
+    """``(x, pad)``: ``x`` already padded if ``conv`` pads by reflect/replicate/circular, and the
+    zero padding (left, right, top, bottom) left to apply."""
+    pad = conv_padding(conv)
+    if conv.padding_mode != "zeros" and any(pad):
+        return F.pad(x, pad, mode=conv.padding_mode), (0, 0, 0, 0)
+    return x, pad
 
 
 def input_vectors(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -99,7 +125,7 @@ def input_vectors(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(layer, nn.Conv2d):
         if x.dim() == 3:
             x = x.unsqueeze(0)
-        pad = conv_padding(layer)
+        x, pad = _padded(layer, x)
         if any(pad):
             x = F.pad(x, pad)
         (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
@@ -116,11 +142,12 @@ def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _shifted_gram(conv: nn.Conv2d, x: torch.Tensor, y=None) -> torch.Tensor:
-    """:func:`patch_gram` of a stride-1 conv by its shift structure (see there); x, y [N, S, H, W]."""
+def _shifted_gram(conv: nn.Conv2d, x: torch.Tensor, y=None, pad=None) -> torch.Tensor:
+    """:func:`patch_gram` of a stride-1 conv by its shift structure (see there); x, y [N, S, H, W]
+    with zero padding ``pad`` (left, right, top, bottom; default the conv's)."""
     N, S, H, W = x.shape
     (kh, kw), dilation = conv.kernel_size, conv.dilation
-    left, right, top, bottom = conv_padding(conv)
+    left, right, top, bottom = conv_padding(conv) if pad is None else pad
     Eh, Ew = (d * (k - 1) for d, k in zip(dilation, conv.kernel_size))   # the "full" padding
     y_ = x if y is None else y
     # C[s, s', a, b] = Σ_{n,q} x[n,s,q] y[n,s',q + Δ], Δ = dilation·(a − kh + 1, b − kw + 1)
@@ -188,7 +215,8 @@ def patch_gram(layer: nn.Module, x: torch.Tensor, y=None) -> torch.Tensor:
         raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} must have the same shape")
     x, y = _at_least_float32(x), None if y is None else _at_least_float32(y)
     if isinstance(layer, nn.Conv2d) and layer.stride == (1, 1) and x.dim() == 4:
-        return _shifted_gram(layer, x, y)
+        x, pad = _padded(layer, x)
+        return _shifted_gram(layer, x, None if y is None else _padded(layer, y)[0], pad)
     X = input_vectors(layer, x)
     return X.T @ (X if y is None else input_vectors(layer, y))
 
@@ -226,18 +254,26 @@ class _Accumulator:
         self.total += total
         self.count += count
 
-    def result(self, centered: bool) -> LayerStats:
+    def result(self, centered: bool, weight: torch.Tensor) -> LayerStats:
         gram = (self.gram + self.gram.T) / 2
-        return LayerStats(gram / self.count, self.total / self.count, self.count, centered)
+        return LayerStats(gram / self.count, self.total / self.count, self.count, centered, fingerprint(weight))
 
 
 def _select_layers(model: nn.Module, layers):
-    """``{name: module}`` for the requested names (default: every Conv2d and Linear), checked."""
+    """``{name: module}`` for the requested names (default: every Conv2d and Linear layer the
+    factorizations support; a Plan: its factorized layers), checked."""
+    from .plans import Plan, candidates, unsupported
+
     modules = dict(model.named_modules())
+    if isinstance(layers, Plan):
+        layers.check(model)
+        layers = layers.compressed()
+        if not layers:
+            raise ValueError("the plan factorizes no layer: there is nothing to calibrate")
     if layers is None:
-        selected = {n: m for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))}
+        selected = {n: modules[n] for n in candidates(model) if unsupported(n, modules[n], modules) is None}
         if not selected:
-            raise ValueError("the model has no nn.Conv2d or nn.Linear layer")
+            raise ValueError("the model has no nn.Conv2d or nn.Linear layer that the factorizations support")
     else:
         if isinstance(layers, str):
             layers = [layers]
@@ -266,13 +302,17 @@ def _inputs(batch):
         batch = batch[0]
     if not isinstance(batch, torch.Tensor):
         raise TypeError(f"expected a tensor or an (x, y) pair per batch, got {type(batch).__name__}")
+    if batch.dtype == torch.uint8:
+        raise ValueError("the inputs are uint8 (raw image bytes): normalise them to float as the model expects "
+                         "(e.g. torchvision's ToTensor and Normalize, or x.float() / 255 and the model's mean "
+                         "and std)")
     return batch
 
 
 def _batches(data, batch_size: int, limit):
     """Yield input batches [B, ...] from a tensor, a DataLoader or a Dataset, at most ``limit`` samples."""
     if isinstance(data, torch.Tensor):
-        data = data[:limit]
+        data = _inputs(data[:limit])
         for i in range(0, len(data), batch_size):
             yield data[i:i + batch_size]
         return
@@ -308,14 +348,25 @@ def calibrate(model: nn.Module, data, layers=None, batch_size: int = 128, limit=
     """Input statistics of ``model``'s Conv2d/Linear layers over ``data``.
 
     ``data``: a Dataset of ``(x, y)`` pairs, a DataLoader of such batches, or a tensor of inputs
-    [N, ...]; at most ``limit`` samples are used. ``layers``: module names (default: every
-    ``nn.Conv2d`` and ``nn.Linear``). Forward hooks add each batch's ``Σ x xᵀ`` (see
-    :func:`input_vectors`) into float64 accumulators on the model's device; memory is ``O(d²)``
-    per layer whatever the data size. The model runs in eval mode under ``torch.no_grad()``
-    and is left as it was (train/eval flags restored, hooks removed, even on error).
+    [N, ...] (floating point, normalised as the model expects); at most ``limit`` samples are
+    used. ``layers``: a :class:`~lowrank.plans.Plan` (its factorized layers: what
+    ``compress(model, plan, stats)`` needs), or module names; by default every ``nn.Conv2d`` and
+    ``nn.Linear`` that the factorizations support (grouped convs, attention projections and
+    subclasses are skipped, as :func:`lowrank.plan` does) and the forward pass reaches. Forward
+    hooks add each batch's ``Σ x xᵀ`` (see :func:`input_vectors`) into float64 accumulators on
+    the model's device; memory is ``O(d²)`` per layer whatever the data size. The model runs in
+    eval mode under ``torch.no_grad()`` and is left as it was (train/eval flags restored, hooks
+    removed, even on error).
 
-    Returns ``{name: LayerStats}`` in model order; ``centered`` sets what ``LayerStats.sigma`` is.
+    Warns when a layer gets fewer input vectors than their length d (its Σ is then singular and
+    the data-informed fit undetermined in the directions no input took), saying how many images
+    each such layer needs. Raises ``RuntimeError`` for a requested layer the forward pass never
+    reaches. Returns ``{name: LayerStats}`` in model order; ``centered`` sets what
+    ``LayerStats.sigma`` is.
     """
+    from .plans import check_model
+
+    check_model(model)
     if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if limit is not None and (isinstance(limit, bool) or int(limit) != limit or limit < 1):
@@ -338,6 +389,24 @@ def calibrate(model: nn.Module, data, layers=None, batch_size: int = 128, limit=
     if seen == 0:
         raise ValueError("the calibration data is empty")
     unreached = [name for name, a in accumulators.items() if a.count == 0]
-    if unreached:
+    if unreached and layers is not None:
         raise RuntimeError(f"the forward pass never reached these layers: {unreached}")
-    return {name: a.result(centered) for name, a in accumulators.items()}
+    stats = {name: a.result(centered, selected[name].weight) for name, a in accumulators.items() if a.count}
+    _warn_if_few(stats, seen)
+    return stats
+
+
+def _warn_if_few(stats: dict, images: int):
+    """Warn about the layers with fewer input vectors than their length (a singular Σ)."""
+    short = {n: s for n, s in stats.items() if s.count < s.dim}
+    if not short:
+        return
+    need = {n: math.ceil(s.dim * images / s.count) for n, s in short.items()}
+    worst = sorted(need, key=need.get, reverse=True)
+    listed = "; ".join(f"{n} needs {need[n]:,} (d = {short[n].dim:,}, {short[n].count / images:g} vectors "
+                       f"per image)" for n in worst[:3])
+    warnings.warn(f"{images:,} image{'s give' if images > 1 else ' gives'} fewer input vectors than their length d for "
+                  f"{len(short)} of {len(stats)} layers, whose Σ is then singular (the fit is undetermined "
+                  f"in the directions no input took): {listed}{'; …' * (len(short) > 3)}. Calibrate on at "
+                  f"least {need[worst[0]]:,} images (limit=...), or pass the plan (layers=plan) to "
+                  f"calibrate only the layers it factorizes", stacklevel=3)

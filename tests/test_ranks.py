@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn as nn
 
 import lowrank as lr
 from lowrank.ranks import energy_rank, entropy_rank
@@ -39,3 +40,18 @@ def test_tau_outside_unit_interval_raises(tau):
     for rule in (lr.ranks.energy, lr.ranks.entropy):
         with pytest.raises(ValueError, match="tau"):
             rule(tau)
+
+
+@pytest.mark.parametrize("rule", [lr.ranks.energy(0.9), lr.ranks.entropy(0.9), lr.ranks.vbmf(), lr.ranks.budget(0.5),
+                                  lr.ranks.budget(0.5, method="bisect"), lr.ranks.budget(0.5, score="entropy")])
+def test_an_all_zero_layer_gets_rank_one_which_is_exact(rule):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 16, 3))
+    with torch.no_grad():
+        model[1].weight.zero_()
+    plan = lr.plan(model, "svd", rule)
+    assert plan["1"]["rank"] == 1 and plan["1"]["method"] == "svd"
+    small = lr.compress(model, plan, progress=False)
+    assert not small[1].weight.detach().any()
+    assert energy_rank(torch.zeros(5), 0.9) == entropy_rank(torch.zeros(5), 0.9) == 1
+    assert entropy_rank(torch.tensor([3.0, 0.0, 0.0]), 0.9) == 1

@@ -1,10 +1,18 @@
 """Layer input statistics: checked against patches built by hand, loop by loop."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from lowrank.stats import (LayerStats, calibrate, conv_padding, input_vectors, load_stats, patch_gram, patch_sum,
-                           save_stats)
+import lowrank as lr
+from lowrank.stats import (LayerStats, calibrate, conv_padding, fingerprint, input_vectors, load_stats, patch_gram,
+                           patch_sum, save_stats)
+
+# the tiny inputs of most tests give the linear head fewer vectors than its length: that warning
+# has its own test (test_too_few_images_warn_with_the_number_each_layer_needs)
+pytestmark = pytest.mark.filterwarnings("ignore:.*fewer input vectors than their length")
 
 
 def brute_patches(x, kernel, stride, dilation, pads):
@@ -80,6 +88,24 @@ def test_same_padding_is_asymmetric_like_pytorch():
     P = brute_patches(x, conv.kernel_size, conv.stride, conv.dilation, (2, 2, 1, 2))
     y = (P @ conv.weight.reshape(3, -1).T + conv.bias).reshape(2, 5, 6, 3).permute(0, 3, 1, 2)
     torch.testing.assert_close(y, conv(x))
+    s = calibrate(nn.Sequential(conv), x, layers=["0"], progress=False)["0"]  # not factorizable: asked for
+    torch.testing.assert_close(s.second_moment, P.T @ P / len(P))
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_padding_modes_pad_as_the_conv_does(mode, stride):
+    """reflect/replicate/circular padding: the patches of the input padded in that mode (both the
+    shift-structured stride-1 Gram and the patch matrix)."""
+    torch.manual_seed(9)
+    conv = nn.Conv2d(2, 3, (3, 2), stride=stride, padding=(1, 2), padding_mode=mode).double()
+    x = torch.randn(2, 2, 6, 5, dtype=torch.float64)
+    P = brute_patches(F.pad(x, (2, 2, 1, 1), mode=mode), conv.kernel_size, conv.stride, conv.dilation, (0,) * 4)
+    y = (P @ conv.weight.reshape(3, -1).T + conv.bias).reshape(2, *conv(x).shape[2:], 3).permute(0, 3, 1, 2)
+    torch.testing.assert_close(y, conv(x))
+    torch.testing.assert_close(input_vectors(conv, x), P)
+    torch.testing.assert_close(patch_gram(conv, x), P.T @ P, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(patch_sum(conv, x)[0], P.sum(0))
     s = calibrate(nn.Sequential(conv), x, progress=False)["0"]
     torch.testing.assert_close(s.second_moment, P.T @ P / len(P))
 
@@ -197,7 +223,8 @@ def test_errors():
             return self.body(x)
 
     with pytest.raises(RuntimeError, match="never reached.*head"):
-        calibrate(Unused(), torch.randn(4, 3), progress=False)
+        calibrate(Unused(), torch.randn(4, 3), layers=["body", "head"], progress=False)
+    assert list(calibrate(Unused(), torch.randn(4, 3), progress=False)) == ["body"]  # by default: skipped
 
     bad = x.clone()
     bad[1, 0, 3, 3] = float("nan")
@@ -206,11 +233,74 @@ def test_errors():
         calibrate(model, bad, progress=False)
     assert model.training and all(not m._forward_hooks for m in model.modules())
 
+    grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
     with pytest.raises(ValueError, match="layer '0'.*groups=2"):
-        calibrate(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), torch.randn(1, 4, 5, 5), progress=False)
-    with pytest.raises(ValueError, match="layer '0'.*reflect"):
-        calibrate(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")),
-                  torch.randn(1, 4, 5, 5), progress=False)
+        calibrate(grouped, torch.randn(1, 4, 5, 5), layers=["0"], progress=False)
+    with pytest.raises(ValueError, match="no nn.Conv2d or nn.Linear layer that the factorizations support"):
+        calibrate(grouped, torch.randn(1, 4, 5, 5), progress=False)
+    images = (torch.rand(2, 3, 7, 6) * 255).to(torch.uint8)
+    for data in (images, torch.utils.data.TensorDataset(images, torch.zeros(2))):
+        with pytest.raises(ValueError, match="uint8.*normalise them to float"):
+            calibrate(model, data, progress=False)
+
+
+class Attention(nn.Module):
+    """Multi-head attention (whose out_proj is an nn.Linear subclass its forward never calls),
+    a depthwise conv and a Linear subclass: none factorizable; a conv and a linear that are."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.depthwise = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.special = nn.modules.linear.NonDynamicallyQuantizableLinear(8, 8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        tokens = self.depthwise(self.conv(x)).flatten(2).transpose(1, 2)        # [N, H·W, 8]
+        return self.head(self.special(self.attention(tokens, tokens, tokens)[0]).mean(1))
+
+
+def test_default_layers_are_those_the_factorizations_support():
+    torch.manual_seed(10)
+    model, x = Attention().double(), torch.randn(3, 3, 6, 6, dtype=torch.float64)
+    assert list(calibrate(model, x, progress=False)) == ["conv", "head"]
+
+
+def test_a_plan_calibrates_exactly_its_factorized_layers():
+    torch.manual_seed(11)
+    model, x = Attention().double(), torch.randn(3, 3, 6, 6, dtype=torch.float64)
+    plan = lr.plan(model, "svd", 2, input_size=(3, 6, 6), norm="data", exclude=["head"])
+    assert plan.compressed() == ["conv"]
+    for stats in (calibrate(model, x, plan, progress=False), calibrate(model, x, layers=plan, progress=False)):
+        assert list(stats) == ["conv"]
+        torch.testing.assert_close(stats["conv"].second_moment, calibrate(model, x, ["conv"], progress=False)[
+            "conv"].second_moment)
+    other = lr.plan(nn.Sequential(nn.Conv2d(3, 8, 3)), "svd", 2, norm="data")
+    with pytest.raises(ValueError, match="does not have"):
+        calibrate(model, x, other, progress=False)
+
+
+def test_too_few_images_warn_with_the_number_each_layer_needs():
+    """One image gives a linear head one vector: Σ [144, 144] of rank 1. The warning says how many
+    images each short layer needs, and nothing is said when there are enough."""
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))   # conv: 36 ≥ 27 a image
+    with pytest.warns(UserWarning, match=r"^1 image gives.*for 1 of 2 layers.*2 needs 144 \(d = 144, 1 vectors "
+                                         r"per image\).*at least 144 images"):
+        calibrate(model, torch.randn(1, 3, 8, 8), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        calibrate(model, torch.randn(144, 3, 8, 8), progress=False)
+        calibrate(model, torch.randn(1, 3, 8, 8), layers=["0"], progress=False)
+
+
+def test_statistics_record_the_weights_they_were_calibrated_on(tmp_path):
+    model, x = conv_net(), torch.randn(2, 3, 7, 6, dtype=torch.float64)
+    stats = calibrate(model, x, progress=False)
+    assert stats["0"].fingerprint == fingerprint(model[0].weight)
+    save_stats(stats, tmp_path / "stats.pt")
+    assert load_stats(tmp_path / "stats.pt")["0"].fingerprint == stats["0"].fingerprint
+    assert fingerprint(model[0].weight * 1.001) != stats["0"].fingerprint
 
 
 @pytest.mark.slow
