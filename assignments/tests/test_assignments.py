@@ -19,6 +19,7 @@ import build  # noqa: E402  (assignments/build.py)
 #: autograded points per question of each wrong submission (the note at its top says why)
 WRONG_SCORES = {
     "01_measuring": {"q1": 0, "q2": 3, "q3": 2},
+    "02_svd": {"q1": 2, "q2": 1, "q3": 2},
 }
 NAMES = [m.stem for m in build.masters()]
 
