@@ -3,18 +3,19 @@ autograder versions, the solution gets full marks, a deliberately wrong submissi
 (``<name>_wrong.ipynb`` here) gets exactly the score it should, question by question, and no
 solution or hidden test reaches the student version. Run by ``make assignments-test``.
 """
+import importlib.util
 import json
 import os
 import pathlib
 import re
-import sys
 
 import pytest
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
-sys.path.insert(0, str(HERE.parent))
-import build  # noqa: E402  (assignments/build.py)
+_spec = importlib.util.spec_from_file_location("assignments_build", HERE.parent / "build.py")
+build = importlib.util.module_from_spec(_spec)   # assignments/build.py, whatever else is "build"
+_spec.loader.exec_module(build)
 
 #: autograded points per question of each wrong submission (the note at its top says why)
 WRONG_SCORES = {
