@@ -12,7 +12,7 @@ the Σ-norm of Kalle et al. (NeurIPS 2025). Every algorithm here minimises it.
 singular Σ, e.g. from dead ReLU channels, still works), L = Q Λ^{1/2} gives Σ ≈ L Lᵀ and
 ‖E Σ^{1/2}‖_F = ‖E L‖_F; L⁻¹ = Λ^{-1/2} Qᵀ needs no inverse. The floor acts as a tiny ridge: in
 directions the data never visit, the solution stays close to W instead of being arbitrary.
-All algorithms minimise the norm of the floored Σ and report errors in it.
+:func:`weighted_svd` minimises the norm of the floored Σ and reports errors in it.
 
 **Ridge** (:func:`ridged`). The layer functions below minimise the Σ-norm of the Σ they are
 given. :func:`lowrank.compress` and :func:`lowrank.compress_sequential` pass them Σ + δ I, which
@@ -35,24 +35,32 @@ W̃ = U_T C Kᵀ with C = G_(T) [rT, rS·k] (k = kh·kw) and K = U_S ⊗ I_k [d,
   U_T = W Σ M (Mᵀ Σ M)⁻¹ step and the core's weighted least squares done at once.
 * U_S given (U_T, G). With U_T orthonormal, the error is ‖(1 − U_T U_Tᵀ) W L‖² plus
   Σ_t ‖(z_t − vec(U_S G_t)) L‖², where z_t are the rows of Z = U_Tᵀ W and G_t = G[t] [rS, k]
-  (vectors flattened row-major, s then p). This is linear in U_S. Moving U_S inside its own
-  span only changes G, which the next closed-form step re-fits anyway, so the step is
-  U_S ← U_S + U_⊥ X with U_⊥ [S, S − rS] an orthonormal complement of U_S and X
-  [S − rS, rS] the unknowns. Setting the gradient in X to zero gives the (S − rS)·rS normal
-  equations H x = g with
+  (vectors flattened row-major, s then p). This is a convex quadratic in U_S: the step
+  U_S ← U_S + X [S, rS] minimises ⟨X, H(X)⟩ − 2⟨g, X⟩ with
 
-      H[(a,j),(b,l)] = Σ_{p,q} Σ_⊥[(a,p),(b,q)] N[(j,p),(l,q)],   N = G_(T)ᵀ G_(T),
-      g[a,j]        = Σ_{t,p,s} U_⊥[s,a] G[t,j,p] ((Z − Ẑ) Σ)[t,(s,p)],
+      H(X)[s,j] = Σ_{p,u,q,l} Σ[(s,p),(u,q)] X[u,l] N[(j,p),(l,q)],   N = G_(T)ᵀ G_(T),
+      g = Σ_t ((Z − Ẑ) Σ)_t G_tᵀ [S, rS]   (the residual's gradient, Ẑ = G ×₂ U_S),
 
-  Σ_⊥ = (U_⊥ ⊗ I_k)ᵀ Σ (U_⊥ ⊗ I_k) and Ẑ = G ×₂ U_S the current fit. Σ couples input
-  channels with kernel positions, so there is no SVD shortcut: H is built with one matmul and
-  solved densely (at most S²/4 = 1,024 unknowns for a 64-channel layer). U_S is then
-  orthonormalised by QR (the next step absorbs the triangle into G).
+  S·rS unknowns (65,536 for a 512-channel layer at half rank: too many for the dense normal
+  equations, 34 GB). Σ couples input channels with kernel positions, so there is no SVD
+  shortcut; instead :data:`CG_STEPS` steps of conjugate gradients, matrix-free: H(X) costs one
+  product (X ⊗ I_k)ᵀ Σ [rS·k, d] and one with N. Preconditioner: Σ ≈ A ⊗ P, its nearest
+  Kronecker product (Van Loan & Pitsianis 1993; A [S, S], P [k, k]), makes H ≈ X ↦ A X Bᵀ with
+  B = Σ_{p,q} P[p,q] N[(·,p),(·,q)] [rS, rS], inverted by two Cholesky solves. Every CG step
+  lowers the quadratic, so the error never increases however few steps are taken. U_S is then
+  orthonormalised by QR (the next step absorbs the triangle into G), and Kᵀ Σ is updated from
+  the CG products instead of being recomputed. Memory: Σ, a reordered copy, and a few
+  [rS·k, d] arrays; no S·rS × S·rS matrix.
 
-Each step minimises the error over its block, so the error never increases. When Σ = I the
-first step is HOOI's U_T update and the second a least-squares move of U_S towards the same
-optimum (HOOI instead takes an SVD, which needs a Kronecker Σ). For rS = S (U_S = I) the first
-step is already the global optimum.
+Each step minimises the error over its block (the U_S step up to the CG truncation), so the error
+never increases. When Σ = I the first step is HOOI's U_T update and the second a least-squares
+move of U_S towards the same optimum (HOOI instead takes an SVD, which needs a Kronecker Σ).
+For rS = S (U_S = I) the first step is already the global optimum. So is the weighted SVD for a
+1×1 kernel (k = 1): then U_T G U_Sᵀ is any matrix of rank ≤ min(rT, rS).
+
+The errors Tucker-2 and CP report are those of the Σ given (a :class:`Whitening`'s floored Σ);
+they need only products with Σ, never its eigendecomposition (9 d³ operations: minutes for a
+512-channel 3×3 layer on a CPU).
 
 **CP** (:func:`weighted_cp`). W̃ = A Mᵀ with A [T, R] (the output factor, weights included)
 and M = B ⊙ C ⊙ D [d, R] the Khatri–Rao product of the input factors (rows (s, i, j);
@@ -89,7 +97,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .cp import CPDegeneracyWarning, CPResult, conv_cp
+from .cp import CPDegeneracyWarning, CPResult, check_vanished, conv_cp
 from .svd import check_rank, check_weight
 from .tucker import hosvd, left_singular_vectors, mode_product, tucker2_reconstruct
 
@@ -256,9 +264,9 @@ def _prox_cholesky(H: torch.Tensor, rel: float = 1e-10) -> torch.Tensor:
     return torch.linalg.cholesky(H)
 
 
-def _prox_step(H: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def _prox_step(H: torch.Tensor, g: torch.Tensor, rel: float = 1e-10) -> torch.Tensor:
     """Δ = (H + δ I)⁻¹ g for H [n, n], g [n, m] (see :func:`_prox_cholesky`)."""
-    return torch.cholesky_solve(g, _prox_cholesky(H))
+    return torch.cholesky_solve(g, _prox_cholesky(H, rel))
 
 
 def weighted_svd(W: torch.Tensor, Sigma, rank: int, rel_floor: float = 1e-10):
@@ -388,7 +396,7 @@ def weighted_tucker2(W: torch.Tensor, Sigma, ranks, n_iter: int = 20, tol: float
     rS = check_rank(ranks[1], S, "input rank")
     k, d = kh * kw, S * kh * kw
     Sig = _sigma(Sigma, d, W.device)
-    rounding = _round_off(Sigma.sigma.dtype if isinstance(Sigma, Whitening) else Sigma.dtype)
+    rounding = _round_off(Sigma.dtype if isinstance(Sigma, torch.Tensor) else torch.float64)
     W64 = _to64(W)
     W2 = W64.reshape(T, d)
     B = W2 @ Sig                                              # W Σ [T, d]
@@ -514,11 +522,13 @@ def weighted_cp(W: torch.Tensor, Sigma, rank: int, form: str = "4way", n_iter: i
     :func:`~lowrank.decompose.cp.conv_cp`. Σ [S·kh·kw, S·kh·kw] (or a :class:`Whitening`).
     Starts from ``init`` (a :class:`~lowrank.decompose.cp.CPResult` of that form) or from
     ``conv_cp(W, rank, form)``. Stops after ``n_iter`` sweeps or when the relative Σ-error
-    improves by less than ``tol`` (relative to its value).
+    improves by less than ``tol`` (relative to its value). Each solve carries the proximal term
+    δ = ``rel_floor`` × its mean diagonal (module docstring).
 
     Returns a :class:`~lowrank.decompose.cp.CPResult` of the best iterate (never worse than the
     start) whose ``relative_error`` and ``history`` are relative Σ-errors, ``history[0]`` the
-    start's. Warns with ``CPDegeneracyWarning`` when its components cancel each other.
+    start's. Warns with ``CPDegeneracyWarning`` when its components cancel each other or some
+    vanished (see :func:`~lowrank.decompose.cp.check_vanished`).
     """
     check_weight(W, 4)
     _check_loop(n_iter, tol)
@@ -527,8 +537,7 @@ def weighted_cp(W: torch.Tensor, Sigma, rank: int, form: str = "4way", n_iter: i
     T, S, kh, kw = W.shape
     d = S * kh * kw
     shape = (S, kh, kw) if form == "4way" else (S, kh * kw)          # input modes
-    wh = _as_whitening(Sigma, rel_floor, d, W.device)
-    Sig = wh.sigma
+    Sig = _sigma(Sigma, d, W.device)
     W2 = _to64(W).reshape(T, d)
     total = ((W2 @ Sig) * W2).sum()
     if total <= 0:
@@ -554,7 +563,7 @@ def weighted_cp(W: torch.Tensor, Sigma, rank: int, form: str = "4way", n_iter: i
         M = khatri_rao(X)
         SigM = Sig @ M
         gram = M.T @ SigM
-        A = A + _prox_step(gram, (W2 @ SigM - A @ gram).T).T
+        A = A + _prox_step(gram, (W2 @ SigM - A @ gram).T, rel_floor).T
         for n in range(m):
             # X_n column by column: each an exact I_n × I_n solve on the current residual
             others = [i for i in range(m) if i != n]
@@ -564,7 +573,7 @@ def weighted_cp(W: torch.Tensor, Sigma, rank: int, form: str = "4way", n_iter: i
             K = khatri_rao([X[i] for i in others])                              # [O, R]
             SJ = (Sig_p.reshape(In * O * In, O) @ K).reshape(In, O, In, rank)     # Σ J_q, all q
             Hq = (SJ * K[None, :, None, :]).sum(1).permute(2, 0, 1)              # J_qᵀ Σ J_q [R, In, In]
-            chol = _prox_cholesky(Hq * A.square().sum(0)[:, None, None])
+            chol = _prox_cholesky(Hq * A.square().sum(0)[:, None, None], rel_floor)
             SJ = SJ.permute(3, 0, 1, 2).reshape(rank, d, In)
             F = residual(A, X).reshape(T, *shape).permute(0, *(1 + i for i in perm)).reshape(T, d)
             F = F @ Sig_p.reshape(d, d)                                         # E Σ, permuted
@@ -587,8 +596,9 @@ def weighted_cp(W: torch.Tensor, Sigma, rank: int, form: str = "4way", n_iter: i
     error, A, X = best
     weights = torch.linalg.vector_norm(A, dim=0)
     A = A / weights.clamp(min=torch.finfo(W2.dtype).tiny)
-    norm_ratio = float(weights.sum() / torch.linalg.vector_norm(W2))
-    if norm_ratio > 10 * math.sqrt(rank):
+    norm_W = float(torch.linalg.vector_norm(W2))
+    norm_ratio = float(weights.sum()) / norm_W
+    if not check_vanished(weights, norm_W, error) and norm_ratio > 10 * math.sqrt(rank):
         warnings.warn(f"Σ-weighted CP rank {rank}: sum of |weights| / ‖W‖ ≈ {norm_ratio:.3g} "
                       "(components cancel each other: the CP is degenerate)",
                       CPDegeneracyWarning, stacklevel=2)
