@@ -59,6 +59,19 @@ def test_full_rank_is_exact(shape):
         assert torch.allclose(tucker2_reconstruct(core, U_T, U_S), W, atol=1e-10)
 
 
+def test_hosvd_is_the_truncated_svd_of_the_unfoldings():
+    # computed from the eigenvectors of the small Gram matrices, it is the textbook HOSVD
+    W = random_weight((12, 10, 3, 3), seed=4, decay=0.1)
+    core, U_T, U_S = hosvd(W, (5, 4))
+    U_T_svd = torch.linalg.svd(unfold(W, 0), full_matrices=False).U[:, :5]
+    U_S_svd = torch.linalg.svd(unfold(W, 1), full_matrices=False).U[:, :4]
+    assert torch.allclose(U_T @ U_T.T, U_T_svd @ U_T_svd.T, atol=1e-10)
+    assert torch.allclose(U_S @ U_S.T, U_S_svd @ U_S_svd.T, atol=1e-10)
+    assert torch.allclose(tucker2_reconstruct(core, U_T, U_S),
+                          tucker2_reconstruct(mode_product(mode_product(W, U_T_svd.T, 0), U_S_svd.T, 1),
+                                              U_T_svd, U_S_svd), atol=1e-10)
+
+
 def test_hooi_factors_are_orthonormal_and_keep_the_dtype():
     W = random_weight((20, 12, 3, 3)).float()
     core, U_T, U_S = hooi(W, (7, 5))

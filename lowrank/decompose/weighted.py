@@ -506,7 +506,7 @@ def _weighted_tucker2_matrix(W64, Sig, B, total, ranks, start, dtype):
     U_r = left_singular_vectors(B @ W2.T, min(rT, rS))                          # of W Σ Wᵀ [T, T]
     U_T = torch.linalg.qr(U_r, mode="complete")[0][:, :rT]
     U_S = torch.linalg.qr((U_r.T @ W2).T, mode="complete")[0][:, :rS]
-    optimum = U_T.T @ W2 @ U_S
+    optimum = U_T.T @ (U_r @ (U_r.T @ W2)) @ U_S                                # G of U_r U_rᵀ W
     E = W2 - U_T @ optimum @ U_S.T
     history.append(math.sqrt(max(float((E @ Sig * E).sum()), 0.0) / total))
     if history[1] > history[0]:                 # the start can only tie, up to round-off
