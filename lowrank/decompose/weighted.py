@@ -571,17 +571,20 @@ def weighted_cp(W: torch.Tensor, Sigma, rank: int, form: str = "4way", n_iter: i
             perm = [n, *others]
             Sig_p = Sig_nd.permute(*perm, *(m + i for i in perm)).reshape(In, O, In, O)
             K = khatri_rao([X[i] for i in others])                              # [O, R]
-            SJ = (Sig_p.reshape(In * O * In, O) @ K).reshape(In, O, In, rank)     # Σ J_q, all q
-            Hq = (SJ * K[None, :, None, :]).sum(1).permute(2, 0, 1)              # J_qᵀ Σ J_q [R, In, In]
-            chol = _prox_cholesky(Hq * A.square().sum(0)[:, None, None], rel_floor)
-            SJ = SJ.permute(3, 0, 1, 2).reshape(rank, d, In)
             F = residual(A, X).reshape(T, *shape).permute(0, *(1 + i for i in perm)).reshape(T, d)
             F = F @ Sig_p.reshape(d, d)                                         # E Σ, permuted
-            for q in range(rank):
-                g = (A[:, q] @ F).reshape(In, O) @ K[:, q]                      # J_qᵀ Σ Eᵀ a_q
-                step = torch.cholesky_solve(g[:, None], chol[q])[:, 0]
-                X[n][:, q] += step
-                F -= torch.outer(A[:, q], SJ[q] @ step)
+            for first in range(0, rank, O):     # O components at a time: their Σ J_q fill one Σ
+                Kc = K[:, first:first + O]
+                SJ = (Sig_p.reshape(In * O * In, O) @ Kc).reshape(In, O, In, -1)   # Σ J_q
+                Hq = (SJ * Kc[None, :, None, :]).sum(1).permute(2, 0, 1)         # J_qᵀ Σ J_q [c, In, In]
+                chol = _prox_cholesky(Hq * A[:, first:first + O].square().sum(0)[:, None, None], rel_floor)
+                SJ = SJ.permute(3, 0, 1, 2).reshape(-1, d, In)
+                for i in range(len(chol)):
+                    q = first + i
+                    g = (A[:, q] @ F).reshape(In, O) @ K[:, q]                  # J_qᵀ Σ Eᵀ a_q
+                    step = torch.cholesky_solve(g[:, None], chol[i])[:, 0]
+                    X[n][:, q] += step
+                    F -= torch.outer(A[:, q], SJ[i] @ step)
         for n in range(m):
             norms = torch.linalg.vector_norm(X[n], dim=0).clamp(min=torch.finfo(W2.dtype).tiny)
             X[n] = X[n] / norms
