@@ -45,9 +45,13 @@ def relative_error(W: torch.Tensor, W_hat: torch.Tensor) -> float:
 def left_singular_vectors(A: torch.Tensor, rank: int) -> torch.Tensor:
     """The ``rank`` leading left singular vectors of ``A`` [m, n], shape [m, rank].
 
-    Computed as the leading eigenvectors of the Gram matrix ``A Aᵀ`` [m, m]: for the wide
-    unfoldings of a conv kernel this is several times faster than an SVD of ``A``.
+    Computed from the smaller Gram matrix: the leading eigenvectors of ``A Aᵀ`` [m, m], or for a
+    tall A (m > n ≥ rank) the orthonormalised ``A V`` with V those of ``Aᵀ A`` [n, n].
+    For the wide unfoldings of a conv kernel this is several times faster than an SVD of ``A``.
     """
+    if A.shape[0] > A.shape[1] >= rank:
+        V = torch.linalg.eigh(A.T @ A).eigenvectors[:, -rank:].flip(-1)
+        return torch.linalg.qr(A @ V).Q
     eigenvectors = torch.linalg.eigh(A @ A.T).eigenvectors  # eigenvalues ascending
     return eigenvectors[:, -rank:].flip(-1)
 

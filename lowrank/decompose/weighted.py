@@ -486,7 +486,11 @@ def weighted_tucker2(W: torch.Tensor, Sigma, ranks, n_iter: int = 20, tol: float
             rz, rz_old = float((r * z).sum()), rz
             p = z + (rz / rz_old) * p
         U_S, upper = torch.linalg.qr(U_S + X)                                   # Kᵀ Σ follows: R⁻ᵀ
-        KSig = torch.linalg.solve_triangular(upper.T, KSig.view(rS, k * d), upper=False).reshape(rS * k, d)
+        diagonal = upper.diagonal().abs()
+        if diagonal.min() > 1e-8 * diagonal.max():
+            KSig = torch.linalg.solve_triangular(upper.T, KSig.view(rS, k * d), upper=False).reshape(rS * k, d)
+        else:                                                                    # U_S + X lost rank
+            KSig = transposed_products(U_S)
         Sig_K, BK = products(U_S, KSig)
     _, C, U_T, U_S = best
     core = C.reshape(rT, rS, kh, kw)
