@@ -11,7 +11,7 @@ Side by side in one run, on 1 CPU thread, float64 (what `Tucker2Conv2d.from_dens
    with its defaults. Error ‖W − Ŵ‖/‖W‖ and seconds.
 2. Σ-weighted Tucker-2 (`weighted_tucker2`, as `lr.compress` calls it: Σ + 10⁻³·mean diag·I)
    on the same layers at n_iter=3 (the book's setting): seconds and peak memory (resident memory
-   above the start, sampled every 5 ms), against the previous implementation (commit 4a43b3c,
+   above the start, sampled every 5 ms, in a separate pass), against the previous implementation (commit 4a43b3c,
    loaded with `git show`: dense (S − rS)·rS normal equations) where its matrix fits in 256 MB.
    Σ from 256 ImageNet-sample images at 112 px through the same networks.
 3. Real weights and data: ResNet-56 (pretrained on CIFAR-10) stage-3 convs, Σ from 256 CIFAR-10
@@ -27,8 +27,8 @@ import argparse
 import os
 import pathlib
 import platform
+import ctypes
 import subprocess
-import sys
 import threading
 import time
 import types
@@ -100,6 +100,8 @@ def layers_and_statistics(quick):
         model = getattr(torchvision.models, arch)()
         if quick:
             names = [n for n in names if model.get_submodule(n).in_channels <= 128]
+            if not names:
+                continue
         plans = [lr.plan(model, "tucker2", f, input_size=(3, 112, 112)) for f in (0.5, 0.25)]
         stats = lr.calibrate(model, images, layers=names, limit=256, batch_size=64, progress=False)
         for n in names:
@@ -137,6 +139,7 @@ def informed_rows(layers, previous):
                        sigma_mb=Sigma.numel() * 8 / 2 ** 20, dense_gb=dense_bytes / 1e9)
             (core, U_T, U_S, history), *row["new"] = measure(lambda: weighted_tucker2(W, Sigma, ranks, n_iter=3))
             row["new_error"] = min(history)
+            row["Sigma"], row["W"] = Sigma, W                  # for memory_pass, then dropped
             if dense_bytes <= DENSE_LIMIT:
                 out, *row["old"] = measure(lambda: previous.weighted_tucker2(W, Sigma, ranks, n_iter=3))
                 row["old_error"] = min(out[3])
@@ -144,11 +147,32 @@ def informed_rows(layers, previous):
                     row["old20"] = measure(lambda: previous.weighted_tucker2(W, Sigma, ranks))[1]
                     row["new20"] = measure(lambda: weighted_tucker2(W, Sigma, ranks))[1]
             rows.append(row)
-            old = (f"previous {row['old_error']:.5f} {row['old'][0]:.1f}s {row['old'][2]:.0f} MB" if "old" in row
+            old = (f"previous {row['old_error']:.5f} {row['old'][0]:.1f}s" if "old" in row
                    else f"previous not run (H: {row['dense_gb']:.2f} GB)")
             print(f"Σ {label:32s} {row['shape']:>11s} {share} {ranks}: new {row['new_error']:.5f} "
-                  f"{row['new'][0]:.1f}s {row['new'][2]:.0f} MB | {old}", flush=True)
+                  f"{row['new'][0]:.1f}s | {old}", flush=True)
     return rows
+
+
+def memory_pass(rows, previous):
+    """Peak memory of the Σ-weighted rows, measured again at n_iter=2 (one U_S step: the same
+    arrays as any later iteration) with every block of 64 kB or more from mmap, so that freed
+    memory leaves the resident set at once, and the heap trimmed before each call (glibc mallopt
+    M_MMAP_THRESHOLD, malloc_trim; slower, hence a separate pass after all timings)."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 65536)                                  # M_MMAP_THRESHOLD
+
+    def peak(f):
+        libc.malloc_trim(0)                                  # free heap pages leave the resident set
+        return measure(f)[3]
+
+    for row in rows:
+        W, Sigma, ranks = row.pop("W"), row.pop("Sigma"), row["ranks"]
+        row["new_mb"] = peak(lambda: weighted_tucker2(W, Sigma, ranks, n_iter=2))
+        if "old" in row:
+            row["old_mb"] = peak(lambda: previous.weighted_tucker2(W, Sigma, ranks, n_iter=2))
+        print(f"memory {row['layer']} {row['share']}: new {row['new_mb']:.0f} MB, previous "
+              f"{row.get('old_mb', float('nan')):.0f} MB (Σ {row['sigma_mb']:.0f} MB)", flush=True)
 
 
 def real_rows(previous):
@@ -175,9 +199,6 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="shapes up to 128 input channels only")
     args = parser.parse_args()
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:   # large blocks from mmap, returned when freed,
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"   # so that resident memory shows each peak
-        os.execv(sys.executable, [sys.executable, *sys.argv])
     torch.set_num_threads(1)
     tl.set_backend("pytorch")
     warnings.simplefilter("ignore", UserWarning)       # torchvision / TensorLy chatter
@@ -187,6 +208,7 @@ def main():
     plain = plain_rows(layers)
     informed = informed_rows(layers, previous)
     real = real_rows(previous)
+    memory_pass(informed, previous)
     elapsed, load_end = time.perf_counter() - started, os.getloadavg()[0]
 
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
@@ -200,7 +222,8 @@ def main():
         f"the start, {load_end:.1f} at the end), 1 thread, float64, torch {torch.__version__}, TensorLy "
         f"{tl.__version__}. Seconds are CPU seconds of the process measured side by side in this one run "
         "(wall clock on the shared machine was longer); memory is the peak resident memory above the "
-        "start of each call (large blocks allocated by mmap: MALLOC_MMAP_THRESHOLD_=65536).",
+        "start of each call, measured in a separate pass at n_iter=2 with glibc's mmap threshold at 64 kB "
+        "(freed blocks leave the resident set at once).",
         "",
         "**The weights of the first two tables are torchvision's random initialisation (seed 0) and their Σ "
         "come from 256 ImageNet-sample images at 112 px passed through those random networks: these "
@@ -238,9 +261,9 @@ def main():
               "| layer | shape | kept | ranks | Σ MB | new s | new peak MB | new Σ-err | previous s | "
               "previous peak MB | previous Σ-err | H (previous) GB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in informed:
-        old = (f"{r['old'][0]:.1f} | {r['old'][2]:.0f} | {r['old_error']:.4f}" if "old" in r else "not run | | ")
+        old = (f"{r['old'][0]:.1f} | {r['old_mb']:.0f} | {r['old_error']:.4f}" if "old" in r else "not run | | ")
         lines.append(f"| {r['layer']} | {r['shape']} | {r['share']} | {r['ranks'][0]}, {r['ranks'][1]} | "
-                     f"{r['sigma_mb']:.0f} | {r['new'][0]:.1f} | {r['new'][2]:.0f} | {r['new_error']:.4f} | {old} | "
+                     f"{r['sigma_mb']:.0f} | {r['new'][0]:.1f} | {r['new_mb']:.0f} | {r['new_error']:.4f} | {old} | "
                      f"{r['dense_gb']:.2f} |")
     lines += ["", "## Real weights and data: ResNet-56 stage 3, Σ from 256 CIFAR-10 training images", "",
               f"- New − previous Σ-error over {len(real)} runs: from {min(r['new'] - r['old'] for r in real):+.1e} "
