@@ -94,9 +94,10 @@ def cp_als(W: torch.Tensor, rank: int, n_iter_max: int = 500, tol: float = 1e-6,
     (Hadamard product of factor Grams) by a Cholesky factorisation, then normalises the columns
     into the weights. The columns have unit norm, so V_n has a unit diagonal and the ridge
     ε = ``ridge`` × (relative error of the previous sweep) is relative to its scale; it shrinks as
-    the fit becomes exact, down to ``ridge`` × 1.5e-8 (so that every solve stays defined). MTTKRPs: W_(1) times A_1 gives mode 0's; W_(0) times the new A_0,
-    contracted one mode at a time, gives all the others (two matmuls with W per sweep, no
-    Khatri–Rao product of the large modes). The error comes from the last MTTKRP, no reconstruction.
+    the fit becomes exact, down to ``ridge`` × 1.5e-8 (so that every solve stays defined).
+    MTTKRPs: W_(1) times A_1 gives mode 0's; W_(0) times the new A_0, contracted one mode at a
+    time, gives all the others (two matmuls with W per sweep, no Khatri–Rao product of the large
+    modes). The error comes from the last MTTKRP, no reconstruction.
 
     ``line_search``: before a sweep, move modes 1..N-1 further along the previous sweep's change
     (Bro 1998) and keep the move only if the error after solving mode 0 is lower than before.
