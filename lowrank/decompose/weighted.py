@@ -17,9 +17,12 @@ directions the data never visit, the solution stays close to W instead of being 
 **Ridge** (:func:`ridged`). The layer functions below minimise the Σ-norm of the Σ they are
 given. :func:`lowrank.compress` and :func:`lowrank.compress_sequential` pass them Σ + δ I, which
 minimises ‖(W − W̃) Σ^{1/2}‖_F² + δ ‖W − W̃‖_F²: in directions the calibration inputs (almost)
-never take, the factors stay close to W. Without it the Σ-optimal Tucker-2 core of a pretrained
-ResNet can be several times larger than W (the fit spends weight on directions of tiny variance),
-which is harmless on the calibration data but makes a later fine-tuning unstable.
+never take, the factors stay close to W. Without it the Σ-optimum is not unique where Σ is
+(nearly) singular, and an algorithm may pick factors much larger than W (the fit spends weight on
+directions of tiny variance), harmless on the calibration data but bad for a later fine-tuning:
+a dense solve of the U_S step did (ResNet-20 layer2.1.conv1 at 50 %: core norm 21.0, ‖W‖ = 10.4);
+the conjugate gradients below, which start at zero and stay in the range of their matrix, did
+not (9.4). The ridge makes the optimum unique either way.
 
 **Matrix case** (:func:`weighted_svd`). ‖(W − W̃) L‖ over rank-r W̃ is the Eckart–Young problem
 for W L, so W̃ = [W L]_r L⁻¹. Writing [W L]_r = U_r U_rᵀ W L gives W̃ = U_r U_rᵀ W: keep the
