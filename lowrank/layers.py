@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from .decompose.svd import channel_matrix, check_rank, spatial_matrix, truncated_svd
-from .decompose.tucker import hosvd
+from .decompose.tucker import hooi
 
 
 def _pair(v):
@@ -245,10 +245,13 @@ class Tucker2Conv2d(_FactorizedConv):
         return layer
 
     @classmethod
-    def from_dense(cls, conv, rank):
-        """HOSVD of ``conv.weight`` at ``rank = (rT, rS)`` (an int means rT = rS)."""
+    def from_dense(cls, conv, rank, n_iter: int = 50, tol: float = 1e-8):
+        """Tucker-2 of ``conv.weight`` at ``rank = (rT, rS)`` (an int means rT = rS) by HOOI in
+        float64 (:func:`lowrank.decompose.tucker.hooi`): the HOSVD, refined by at most ``n_iter``
+        sweeps until the relative error improves by less than ``tol``. Never worse than the HOSVD;
+        ``n_iter=0`` gives the HOSVD itself."""
         _checked(conv, nn.Conv2d)
-        return cls.from_factors(conv, *hosvd(conv.weight.detach().double(), _pair(rank)))
+        return cls.from_factors(conv, *hooi(conv.weight.detach().double(), _pair(rank), n_iter, tol))
 
     @property
     def weight(self):

@@ -109,6 +109,42 @@ def test_degenerate_best_rank2_warns(kw):
     assert result.weights.abs().sum() > 1.5 * X.norm()      # ... by terms that cancel
 
 
+def de_silva_lim():
+    """e₁⊗e₁⊗e₂ + e₁⊗e₂⊗e₁ + e₂⊗e₁⊗e₁ [2, 2, 2] (de Silva & Lim 2008): no best rank-2 approximation.
+    Its unfoldings have orthogonal singular vectors e₁, e₂, on which the SVD start lands exactly."""
+    e1, e2 = torch.eye(2, dtype=torch.float64)
+    outer = lambda x, y, z: x[:, None, None] * y[None, :, None] * z[None, None, :]
+    return outer(e1, e1, e2) + outer(e1, e2, e1) + outer(e2, e1, e1)
+
+
+def test_a_vanished_component_is_reported():
+    # The SVD start gives component 2 a zero least-squares update, and ALS can never revive it:
+    # the "rank-2" result is of rank 1 (error 0.816 = √(2/3)). Before: no warning at all.
+    with pytest.warns(CPDegeneracyWarning, match=r"component\(s\) \[1\] vanished.*in effect of rank 1"):
+        result = cp_als(de_silva_lim(), 2)
+    assert result.relative_error == pytest.approx(math.sqrt(2 / 3), abs=1e-3)
+    assert float(result.weights.abs().min()) < 1e-8
+    with pytest.warns(CPDegeneracyWarning, match="degenerate"):      # the advice works: a random start
+        assert cp_als(de_silva_lim(), 2, init="random").relative_error < 0.05   # ... approaches the infimum 0
+
+
+@pytest.mark.parametrize("line_search", [True, False])
+def test_a_singular_update_raises_and_says_what_to_do(line_search):
+    # ridge=0 on the same tensor: the Gram matrix of modes 1 and 2 is singular (the vanished
+    # component). Before: "cholesky_inverse: ... the input matrix is singular".
+    with pytest.raises(torch.linalg.LinAlgError, match=r"mode\(s\) \[1, 2\] is singular.*Use ridge > 0"):
+        cp_als(de_silva_lim(), 2, ridge=0, line_search=line_search)
+
+
+def test_an_exact_fit_with_a_spare_component_stays_solvable():
+    # A rank-1 tensor at rank 2: the fit becomes exact, and the ridge (scaled by the error) must
+    # not vanish with it. Before: LinAlgError from cholesky_inverse with the default ridge.
+    X = random_cp((4, 5, 6), rank=1, seed=3)[0]
+    result = cp_als(X, 2)
+    assert result.relative_error < 1e-6
+    assert torch.isfinite(result.weights).all()
+
+
 def test_no_warning_for_a_well_posed_rank():
     with warnings.catch_warnings():
         warnings.simplefilter("error", CPDegeneracyWarning)

@@ -41,12 +41,15 @@ def test_unfold_and_mode_product_match_tensorly():
         np.testing.assert_allclose(mode_product(W, M, 1).numpy(), mode_dot(W.numpy(), M.numpy(), 1), atol=1e-12)
 
 
-def test_left_singular_vectors_match_the_svd():
-    A = torch.randn(12, 30, dtype=torch.float64)
-    U = left_singular_vectors(A, 5)
-    U_svd = torch.linalg.svd(A, full_matrices=False)[0][:, :5]
-    assert torch.allclose(U.T @ U, torch.eye(5, dtype=torch.float64), atol=1e-12)
-    assert torch.allclose(U @ U.T, U_svd @ U_svd.T, atol=1e-10)  # the same subspace
+@pytest.mark.parametrize("shape,rank", [((12, 30), 5), ((30, 12), 5), ((30, 12), 12), ((30, 12), 20)])
+def test_left_singular_vectors_match_the_svd(shape, rank):
+    A = torch.randn(shape, dtype=torch.float64)                  # wide, tall, and rank beyond n
+    U = left_singular_vectors(A, rank)
+    assert U.shape == (shape[0], rank)
+    assert torch.allclose(U.T @ U, torch.eye(rank, dtype=torch.float64), atol=1e-12)
+    r = min(rank, min(shape))
+    U_svd = torch.linalg.svd(A, full_matrices=False)[0][:, :r]
+    assert torch.allclose(U_svd.T @ U @ U.T @ U_svd, torch.eye(r, dtype=torch.float64), atol=1e-10)  # spans them
 
 
 @pytest.mark.parametrize("shape", [(8, 6, 3, 3), (5, 12, 3, 1), (16, 3, 3, 3)])
@@ -57,6 +60,19 @@ def test_full_rank_is_exact(shape):
         core, U_T, U_S = decomposition
         assert core.shape == (T, S) + shape[2:]
         assert torch.allclose(tucker2_reconstruct(core, U_T, U_S), W, atol=1e-10)
+
+
+def test_hosvd_is_the_truncated_svd_of_the_unfoldings():
+    # computed from the eigenvectors of the small Gram matrices, it is the textbook HOSVD
+    W = random_weight((12, 10, 3, 3), seed=4, decay=0.1)
+    core, U_T, U_S = hosvd(W, (5, 4))
+    U_T_svd = torch.linalg.svd(unfold(W, 0), full_matrices=False).U[:, :5]
+    U_S_svd = torch.linalg.svd(unfold(W, 1), full_matrices=False).U[:, :4]
+    assert torch.allclose(U_T @ U_T.T, U_T_svd @ U_T_svd.T, atol=1e-10)
+    assert torch.allclose(U_S @ U_S.T, U_S_svd @ U_S_svd.T, atol=1e-10)
+    assert torch.allclose(tucker2_reconstruct(core, U_T, U_S),
+                          tucker2_reconstruct(mode_product(mode_product(W, U_T_svd.T, 0), U_S_svd.T, 1),
+                                              U_T_svd, U_S_svd), atol=1e-10)
 
 
 def test_hooi_factors_are_orthonormal_and_keep_the_dtype():

@@ -20,10 +20,13 @@ MAX_STEP, MIN_STEP = 8.0, 0.05
 # Degeneracy (Harshman's diagnostic): two rank-one terms nearly opposite, congruence below this;
 # or Σ_q |λ_q| / ‖W‖ above WEIGHT_RATIO √R (R orthogonal components of equal weight give √R).
 DEGENERATE_CONGRUENCE, WEIGHT_RATIO = -0.9, 10.0
+# A component has vanished when its weight is below this fraction of ‖W‖ (sqrt of float64 eps).
+VANISHED = 1.5e-8
 
 
 class CPDegeneracyWarning(UserWarning):
-    """CP-ALS ended with components that cancel each other (degeneracy) or with a useless fit."""
+    """CP-ALS ended with components that cancel each other (degeneracy), with components that
+    vanished (a fit of lower rank than asked), or with a useless fit."""
 
 
 @dataclass
@@ -90,10 +93,11 @@ def cp_als(W: torch.Tensor, rank: int, n_iter_max: int = 500, tol: float = 1e-6,
     A sweep updates modes 0, ..., N-1 in turn: A_n ← MTTKRP_n (V_n + εI)⁻¹ with V_n = ⊛_{k≠n} A_kᵀA_k
     (Hadamard product of factor Grams) by a Cholesky factorisation, then normalises the columns
     into the weights. The columns have unit norm, so V_n has a unit diagonal and the ridge
-    ε = ``ridge`` × (relative error of the previous sweep) is relative to its scale; it vanishes
-    as the fit becomes exact. MTTKRPs: W_(1) times A_1 gives mode 0's; W_(0) times the new A_0,
-    contracted one mode at a time, gives all the others (two matmuls with W per sweep, no
-    Khatri–Rao product of the large modes). The error comes from the last MTTKRP, no reconstruction.
+    ε = ``ridge`` × (relative error of the previous sweep) is relative to its scale; it shrinks as
+    the fit becomes exact, down to ``ridge`` × 1.5e-8 (so that every solve stays defined).
+    MTTKRPs: W_(1) times A_1 gives mode 0's; W_(0) times the new A_0, contracted one mode at a
+    time, gives all the others (two matmuls with W per sweep, no Khatri–Rao product of the large
+    modes). The error comes from the last MTTKRP, no reconstruction.
 
     ``line_search``: before a sweep, move modes 1..N-1 further along the previous sweep's change
     (Bro 1998) and keep the move only if the error after solving mode 0 is lower than before.
@@ -101,8 +105,10 @@ def cp_als(W: torch.Tensor, rank: int, n_iter_max: int = 500, tol: float = 1e-6,
     where R > I_n) or ``"random"``. Stops when the relative error changes by less than ``tol``
     between sweeps (TensorLy's ``parafac`` rule). Computes in float64; returns W's dtype and device.
 
-    Warns with :class:`CPDegeneracyWarning` when components cancel each other (degeneracy) or the
-    fit is no better than zero. Returns a :class:`CPResult`.
+    Warns with :class:`CPDegeneracyWarning` when components cancel each other (degeneracy), when a
+    component vanished (weight below 1.5e-8 ‖W‖: a fit of lower rank), or when the fit is no
+    better than zero. Raises ``torch.linalg.LinAlgError`` (saying what to change) when an update
+    is singular, which only ``ridge=0`` allows. Returns a :class:`CPResult`.
     """
     if W.dim() < 3:
         raise ValueError(f"CP needs a tensor of order 3 or more, got shape {tuple(W.shape)}")
@@ -139,7 +145,7 @@ def _als(W, rank, n_iter_max, tol, ridge, init, seed, line_search):
     G = [f @ f.mT for f in F]                                # their Grams [R, R]
     eye = torch.eye(rank, dtype=X.dtype, device=X.device)
     tiny = torch.finfo(X.dtype).tiny
-    failed = torch.zeros((), dtype=torch.int32, device=X.device)
+    failed = torch.zeros(N, dtype=torch.int32, device=X.device)   # per mode: singular Grams
 
     def solve(n, M):
         """Update mode n from its MTTKRP M [R, I_n]; returns (λ [R, 1], B [R, I_n], M)."""
@@ -149,8 +155,8 @@ def _als(W, rank, n_iter_max, tol, ridge, init, seed, line_search):
             V = V * Gk
         V = torch.addcmul(ridge_eye, V, others[-1])         # ⊛_{k≠n} A_kᵀA_k + εI [R, R]
         L, info = torch.linalg.cholesky_ex(V)
-        failed.add_(info)                                    # checked once, after the loop
-        B = torch.cholesky_inverse(L) @ M                    # unnormalised A_nᵀ
+        failed[n] += info                                    # checked once per sweep
+        B = torch.cholesky_solve(M, L)                       # unnormalised A_nᵀ
         lam = torch.linalg.vector_norm(B, dim=1, keepdim=True).clamp_min_(tiny)
         F[n] = B / lam
         G[n] = F[n] @ F[n].mT
@@ -166,7 +172,7 @@ def _als(W, rank, n_iter_max, tol, ridge, init, seed, line_search):
 
     history, converged, step, previous = [], False, 1.0, None
     for it in range(n_iter_max):
-        eps = ridge * (history[-1] if history else 1.0)
+        eps = ridge * max(history[-1] if history else 1.0, VANISHED)    # > 0 even for an exact fit
         ridge_eye = eps * eye
         current = (F[1:], G[1:])
         extrapolate = line_search and previous is not None
@@ -196,25 +202,52 @@ def _als(W, rank, n_iter_max, tol, ridge, init, seed, line_search):
             out = solve(n, M)
             Z = (F[n][:, None, :] @ Z)[:, 0]
         history.append(error(*out))
+        if failed.any():
+            modes = failed.nonzero()[:, 0].tolist()
+            raise torch.linalg.LinAlgError(
+                f"CP-ALS rank {rank}, sweep {it + 1}: the Gram matrix ⊛_(k≠n) A_kᵀA_k of mode(s) {modes} "
+                f"is singular (two components became collinear, or one vanished), so its least-squares "
+                f"update is undefined{' with ridge=0' if ridge == 0 else ''}. Use ridge > 0 (the default "
+                f"1e-3 keeps every update solvable), a lower rank, or another start (init='random', seed)")
         if it > 0 and abs(history[-2] - history[-1]) < tol:
             converged = True
             break
 
-    if failed:
-        raise torch.linalg.LinAlgError(
-            "CP-ALS: a Gram matrix ⊛ A_kᵀA_k was singular (collinear components); use ridge > 0")
     weights, factors = out[0][:, 0], [f.T for f in F]
     relative_error = float(torch.linalg.vector_norm(X - cp_reconstruct(weights, factors))) / math.sqrt(norm_X2)
     _check_degeneracy(weights, factors, relative_error, math.sqrt(norm_X2))
     return weights, factors, relative_error, it + 1, converged, history
 
 
+def check_vanished(weights, norm_W: float, relative_error: float, stacklevel: int = 2) -> bool:
+    """Warn (:class:`CPDegeneracyWarning`) and return True if some weights λ_q [R] are below
+    ``VANISHED`` · ‖W‖: those components fit nothing, and the result is in effect of lower rank.
+
+    ALS cannot revive such a component (its own least-squares update is zero), so it stops there.
+    It happens when a rank-R approximation does not exist (de Silva & Lim 2008: the infimum is
+    then approached only by diverging components) or when the start is unlucky.
+    """
+    vanished = (weights.abs() < VANISHED * norm_W).nonzero()[:, 0].tolist()
+    if vanished:
+        R = weights.shape[0]
+        warnings.warn(
+            f"CP rank {R}: component(s) {vanished} vanished (weight {float(weights[vanished[0]]):.3g}, "
+            f"‖W‖ = {norm_W:.3g}), so the result is in effect of rank {R - len(vanished)}, relative "
+            f"error {relative_error:.3g}. A rank-{R} approximation may not exist (degenerate tensor) "
+            f"or the start was unlucky: try init='random' or another seed, or a lower rank",
+            CPDegeneracyWarning, stacklevel=stacklevel + 1)
+    return bool(vanished)
+
+
 def _check_degeneracy(weights, factors, relative_error, norm_W):
-    """Warn (:class:`CPDegeneracyWarning`) if components cancel each other or the fit is useless.
+    """Warn (:class:`CPDegeneracyWarning`) if components vanished, cancel each other, or the fit
+    is useless.
 
     The congruence of rank-one terms p and q, ⟨u_p, u_q⟩ = Π_n ⟨a⁽ⁿ⁾_p, a⁽ⁿ⁾_q⟩, near −1 means
     two terms that are nearly opposite: their large weights cancel (CP degeneracy).
     """
+    if check_vanished(weights, norm_W, relative_error, stacklevel=5):   # the caller of cp_als
+        return
     R = weights.shape[0]
     congruence = math.prod(A.T @ A for A in factors).fill_diagonal_(0)     # [R, R]
     worst = float(congruence.min()) if R > 1 else 0.0

@@ -12,14 +12,17 @@ the Σ-norm of Kalle et al. (NeurIPS 2025). Every algorithm here minimises it.
 singular Σ, e.g. from dead ReLU channels, still works), L = Q Λ^{1/2} gives Σ ≈ L Lᵀ and
 ‖E Σ^{1/2}‖_F = ‖E L‖_F; L⁻¹ = Λ^{-1/2} Qᵀ needs no inverse. The floor acts as a tiny ridge: in
 directions the data never visit, the solution stays close to W instead of being arbitrary.
-All algorithms minimise the norm of the floored Σ and report errors in it.
+:func:`weighted_svd` minimises the norm of the floored Σ and reports errors in it.
 
 **Ridge** (:func:`ridged`). The layer functions below minimise the Σ-norm of the Σ they are
 given. :func:`lowrank.compress` and :func:`lowrank.compress_sequential` pass them Σ + δ I, which
 minimises ‖(W − W̃) Σ^{1/2}‖_F² + δ ‖W − W̃‖_F²: in directions the calibration inputs (almost)
-never take, the factors stay close to W. Without it the Σ-optimal Tucker-2 core of a pretrained
-ResNet can be several times larger than W (the fit spends weight on directions of tiny variance),
-which is harmless on the calibration data but makes a later fine-tuning unstable.
+never take, the factors stay close to W. Without it the Σ-optimum is not unique where Σ is
+(nearly) singular, and an algorithm may pick factors much larger than W (the fit spends weight on
+directions of tiny variance), harmless on the calibration data but bad for a later fine-tuning:
+a dense solve of the U_S step did (ResNet-20 layer2.1.conv1 at 50 %: core norm 21.0, ‖W‖ = 10.4);
+the conjugate gradients below, which start at zero and stay in the range of their matrix, did
+not (9.4). The ridge makes the optimum unique either way.
 
 **Matrix case** (:func:`weighted_svd`). ‖(W − W̃) L‖ over rank-r W̃ is the Eckart–Young problem
 for W L, so W̃ = [W L]_r L⁻¹. Writing [W L]_r = U_r U_rᵀ W L gives W̃ = U_r U_rᵀ W: keep the
@@ -35,24 +38,32 @@ W̃ = U_T C Kᵀ with C = G_(T) [rT, rS·k] (k = kh·kw) and K = U_S ⊗ I_k [d,
   U_T = W Σ M (Mᵀ Σ M)⁻¹ step and the core's weighted least squares done at once.
 * U_S given (U_T, G). With U_T orthonormal, the error is ‖(1 − U_T U_Tᵀ) W L‖² plus
   Σ_t ‖(z_t − vec(U_S G_t)) L‖², where z_t are the rows of Z = U_Tᵀ W and G_t = G[t] [rS, k]
-  (vectors flattened row-major, s then p). This is linear in U_S. Moving U_S inside its own
-  span only changes G, which the next closed-form step re-fits anyway, so the step is
-  U_S ← U_S + U_⊥ X with U_⊥ [S, S − rS] an orthonormal complement of U_S and X
-  [S − rS, rS] the unknowns. Setting the gradient in X to zero gives the (S − rS)·rS normal
-  equations H x = g with
+  (vectors flattened row-major, s then p). This is a convex quadratic in U_S: the step
+  U_S ← U_S + X [S, rS] minimises ⟨X, H(X)⟩ − 2⟨g, X⟩ with
 
-      H[(a,j),(b,l)] = Σ_{p,q} Σ_⊥[(a,p),(b,q)] N[(j,p),(l,q)],   N = G_(T)ᵀ G_(T),
-      g[a,j]        = Σ_{t,p,s} U_⊥[s,a] G[t,j,p] ((Z − Ẑ) Σ)[t,(s,p)],
+      H(X)[s,j] = Σ_{p,u,q,l} Σ[(s,p),(u,q)] X[u,l] N[(j,p),(l,q)],   N = G_(T)ᵀ G_(T),
+      g = Σ_t ((Z − Ẑ) Σ)_t G_tᵀ [S, rS]   (the residual's gradient, Ẑ = G ×₂ U_S),
 
-  Σ_⊥ = (U_⊥ ⊗ I_k)ᵀ Σ (U_⊥ ⊗ I_k) and Ẑ = G ×₂ U_S the current fit. Σ couples input
-  channels with kernel positions, so there is no SVD shortcut: H is built with one matmul and
-  solved densely (at most S²/4 = 1,024 unknowns for a 64-channel layer). U_S is then
-  orthonormalised by QR (the next step absorbs the triangle into G).
+  S·rS unknowns (65,536 for a 512-channel layer at half rank: too many for the dense normal
+  equations, 34 GB). Σ couples input channels with kernel positions, so there is no SVD
+  shortcut; instead :data:`CG_STEPS` steps of conjugate gradients, matrix-free: H(X) costs one
+  product (X ⊗ I_k)ᵀ Σ [rS·k, d] and one with N. Preconditioner: Σ ≈ A ⊗ P, its nearest
+  Kronecker product (Van Loan & Pitsianis 1993; A [S, S], P [k, k]), makes H ≈ X ↦ A X Bᵀ with
+  B = Σ_{p,q} P[p,q] N[(·,p),(·,q)] [rS, rS], inverted by two Cholesky solves. Every CG step
+  lowers the quadratic, so the error never increases however few steps are taken. U_S is then
+  orthonormalised by QR (the next step absorbs the triangle into G), and Kᵀ Σ is updated from
+  the CG products instead of being recomputed. Memory: Σ, a reordered copy, and a few
+  [rS·k, d] arrays; no S·rS × S·rS matrix.
 
-Each step minimises the error over its block, so the error never increases. When Σ = I the
-first step is HOOI's U_T update and the second a least-squares move of U_S towards the same
-optimum (HOOI instead takes an SVD, which needs a Kronecker Σ). For rS = S (U_S = I) the first
-step is already the global optimum.
+Each step minimises the error over its block (the U_S step up to the CG truncation), so the error
+never increases. When Σ = I the first step is HOOI's U_T update and the second a least-squares
+move of U_S towards the same optimum (HOOI instead takes an SVD, which needs a Kronecker Σ).
+For rS = S (U_S = I) the first step is already the global optimum. So is the weighted SVD for a
+1×1 kernel (k = 1): then U_T G U_Sᵀ is any matrix of rank ≤ min(rT, rS).
+
+The errors Tucker-2 and CP report are those of the Σ given (a :class:`Whitening`'s floored Σ);
+they need only products with Σ, never its eigendecomposition (9 d³ operations: minutes for a
+512-channel 3×3 layer on a CPU).
 
 **CP** (:func:`weighted_cp`). W̃ = A Mᵀ with A [T, R] (the output factor, weights included)
 and M = B ⊙ C ⊙ D [d, R] the Khatri–Rao product of the input factors (rows (s, i, j);
@@ -89,9 +100,13 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .cp import CPDegeneracyWarning, CPResult, conv_cp
+from .cp import CPDegeneracyWarning, CPResult, check_vanished, conv_cp
 from .svd import check_rank, check_weight
-from .tucker import hosvd, mode_product, tucker2_reconstruct
+from .tucker import hosvd, left_singular_vectors, mode_product, tucker2_reconstruct
+
+# Conjugate-gradient steps per U_S update of the Σ-weighted Tucker-2 (each one product of Σ
+# with a [d, rS] matrix); benchmarks/results/tucker2_scaling.md measures the choice.
+CG_STEPS = 8
 
 
 @dataclass
@@ -148,15 +163,16 @@ def _check_sigma(Sigma: torch.Tensor, d=None) -> torch.Tensor:
         raise ValueError(f"Σ is {tuple(Sigma.shape)} but the weight has d = {d} inputs per output")
     if not Sigma.is_floating_point():
         raise ValueError(f"Σ must be floating point, got {Sigma.dtype}")
-    if not torch.isfinite(Sigma).all():
-        raise ValueError("Σ holds NaN or infinite entries")
     S64 = Sigma.to(torch.float64)
-    scale = S64.abs().max()
+    scale = torch.linalg.vector_norm(S64, math.inf)           # max |Σ|, NaN if Σ holds a NaN
+    if not torch.isfinite(scale):
+        raise ValueError("Σ holds NaN or infinite entries")
     if scale == 0:
         raise ValueError("Σ is zero: the layer never sees a non-zero input")
-    if (S64 - S64.T).abs().max() > _round_off(Sigma.dtype) * scale:
+    asymmetry = torch.linalg.vector_norm(S64 - S64.T, math.inf)
+    if asymmetry > _round_off(Sigma.dtype) * scale:
         raise ValueError("Σ is not symmetric")
-    return (S64 + S64.T) / 2
+    return S64 if asymmetry == 0 else (S64 + S64.T) / 2
 
 
 def whitening(Sigma: torch.Tensor, rel_floor: float = 1e-10) -> Whitening:
@@ -251,9 +267,9 @@ def _prox_cholesky(H: torch.Tensor, rel: float = 1e-10) -> torch.Tensor:
     return torch.linalg.cholesky(H)
 
 
-def _prox_step(H: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def _prox_step(H: torch.Tensor, g: torch.Tensor, rel: float = 1e-10) -> torch.Tensor:
     """Δ = (H + δ I)⁻¹ g for H [n, n], g [n, m] (see :func:`_prox_cholesky`)."""
-    return torch.cholesky_solve(g, _prox_cholesky(H))
+    return torch.cholesky_solve(g, _prox_cholesky(H, rel))
 
 
 def weighted_svd(W: torch.Tensor, Sigma, rank: int, rel_floor: float = 1e-10):
@@ -320,15 +336,57 @@ def _check_loop(n_iter, tol):
         raise ValueError(f"tol must be non-negative, got {tol!r}")
 
 
+def _sigma(Sigma, d: int, device) -> torch.Tensor:
+    """Σ as a checked symmetric float64 [d, d] tensor on ``device``; a :class:`Whitening`'s floored Σ."""
+    if isinstance(Sigma, Whitening):
+        if Sigma.L.shape[0] != d:
+            raise ValueError(f"Σ is {tuple(Sigma.L.shape)} but the weight has d = {d} inputs per output")
+        return Sigma.sigma.to(device)
+    return _check_sigma(Sigma.to(device) if isinstance(Sigma, torch.Tensor) else Sigma, d)
+
+
+def _cholesky(H: torch.Tensor, rel: float, tolerance: float):
+    """``(R, δ)`` with R Rᵀ = H + δ I for H [n, n] symmetric PSD: δ = 0 unless H is numerically
+    singular, then δ = ``rel`` × its mean diagonal (:func:`_prox_cholesky`). ``ValueError`` if H
+    has an eigenvalue below −``tolerance`` · λ_max (then Σ is not positive semi-definite)."""
+    R, info = torch.linalg.cholesky_ex(H)
+    if not info:
+        return R, 0.0
+    lam = torch.linalg.eigvalsh(H)
+    if not lam[0] >= -tolerance * lam[-1].clamp(min=0):
+        raise ValueError(f"Σ is not positive semi-definite: Kᵀ Σ K has eigenvalues from "
+                         f"{float(lam[0]):.3g} to {float(lam[-1]):.3g}")
+    delta = rel * float(H.diagonal().mean().clamp(min=0)) - float(lam[0].clamp(max=0)) + torch.finfo(H.dtype).tiny
+    return torch.linalg.cholesky(H + delta * torch.eye(len(H), dtype=H.dtype, device=H.device)), delta
+
+
+def _nearest_kronecker(blocks, sweeps: int = 2):
+    """``(A [S, S], P [k, k])`` with Σ[(s,p),(u,q)] ≈ A[s,u] P[p,q] (Van Loan–Pitsianis, by
+    alternating least squares from P = I), from ``blocks`` [S, k, k, S] = Σ[(u,q),(s,p)] at
+    [u, q, p, s] (one S × S block per pair of kernel positions): the preconditioner of the
+    U_S step."""
+    k = blocks.shape[1]
+    P = torch.eye(k, dtype=blocks.dtype, device=blocks.device)
+    for _ in range(sweeps):
+        A = sum(P[p, q] * blocks[:, q, p] for p in range(k) for q in range(k)) / P.square().sum()
+        P = torch.stack([torch.stack([(blocks[:, q, p] * A).sum() for q in range(k)])
+                         for p in range(k)]) / A.square().sum()
+    return A, P
+
+
 def weighted_tucker2(W: torch.Tensor, Sigma, ranks, n_iter: int = 20, tol: float = 1e-6,
                      rel_floor: float = 1e-10):
     """Tucker-2 of W [T, S, kh, kw] minimising ‖(W − G ×₁ U_T ×₂ U_S) Σ^{1/2}‖_F by ALS.
 
-    Σ [S·kh·kw, S·kh·kw] (or a :class:`Whitening`), ``ranks = (rT, rS)``. Starts from
-    :func:`~lowrank.decompose.tucker.hosvd`; each iteration solves (U_T, G) in closed form, then
-    moves U_S by the solution of (S − rS)·rS normal equations (see the module docstring). rS = S keeps U_S = I and
-    needs one step. Stops after ``n_iter`` iterations or when the relative Σ-error improves by
-    less than ``tol`` (relative to its value).
+    Σ [S·kh·kw, S·kh·kw] (or a :class:`Whitening`, whose floored Σ is used), ``ranks = (rT, rS)``.
+    Starts from :func:`~lowrank.decompose.tucker.hosvd`; each iteration solves (U_T, G) in closed
+    form, then moves U_S by :data:`CG_STEPS` steps of preconditioned conjugate gradients on its
+    quadratic (module docstring). Special cases in closed form, one step: rS = S (U_S = I) and
+    1×1 kernels (the weighted SVD at rank min(rT, rS), the global optimum). Stops after ``n_iter``
+    iterations or when the relative Σ-error improves by less than ``tol`` (relative to its value).
+    Memory: Σ and a few [d, rS·kh·kw] arrays (d = S·kh·kw); time per iteration: a few products of
+    Σ with [d, rS] matrices. A singular solve gets the proximal term δ = ``rel_floor`` × its mean
+    diagonal; the errors are those of Σ as given.
 
     Returns ``(core [rT, rS, kh, kw], U_T [T, rT], U_S [S, rS], history)``: the best iterate
     (orthonormal factors), and ``history`` the relative Σ-errors, ``history[0]`` the HOSVD start,
@@ -340,54 +398,127 @@ def weighted_tucker2(W: torch.Tensor, Sigma, ranks, n_iter: int = 20, tol: float
     rT = check_rank(ranks[0], T, "output rank")
     rS = check_rank(ranks[1], S, "input rank")
     k, d = kh * kw, S * kh * kw
-    wh = _as_whitening(Sigma, rel_floor, d, W.device)
-    Sig = wh.sigma
-    W2 = _to64(W).reshape(T, d)
-    WSig = W2 @ Sig                                           # [T, d], fixed
-    total = (WSig * W2).sum()
-    if total <= 0:
-        raise ValueError("W is zero")
-    Sig4 = Sig.reshape(S, k, S, k)
+    Sig = _sigma(Sigma, d, W.device)
+    rounding = _round_off(Sigma.dtype if isinstance(Sigma, torch.Tensor) else torch.float64)
+    W64 = _to64(W)
+    W2 = W64.reshape(T, d)
+    B = W2 @ Sig                                              # W Σ [T, d]
+    total = float((B * W2).sum())                             # ‖W Σ^{1/2}‖²
+    if not total > 0:
+        raise ValueError("W is zero, or Σ says its inputs never occur (W Σ Wᵀ = 0)")
 
-    def reconstruct(core, U_T, U_S):
-        return tucker2_reconstruct(core, U_T, U_S).reshape(T, d)
+    def relative(error2):
+        return math.sqrt(max(error2, 0.0) / total)
 
-    core, U_T, U_S = (t.to(W2) for t in hosvd(_to64(W), (rT, rS)))
+    core, U_T, U_S = hosvd(W64, (rT, rS))
     if rS == S:   # one-sided: U_S = I, the HOSVD start becomes G = W ×₁ U_Tᵀ
-        U_S = torch.eye(S, dtype=W2.dtype, device=W2.device)
-        core = mode_product(W2.reshape(W.shape), U_T.T, 0)
-    history = [_error(W2 - reconstruct(core, U_T, U_S), Sig, total)]
-    best = (history[0], core, U_T, U_S)
-    for _ in range(int(n_iter)):
-        # (U_T, G) given U_S: weighted SVD of C₀ R, C₀ = W Σ K Σ_K⁻¹, Σ_K = Kᵀ Σ K = R Rᵀ
-        WSigK = torch.einsum("tsp,sj->tjp", WSig.reshape(T, S, k), U_S).reshape(T, rS * k)
-        Sig_K = torch.einsum("spuq,sj,ul->jplq", Sig4, U_S, U_S).reshape(rS * k, rS * k)
-        R = torch.linalg.cholesky(Sig_K)
-        C0R = torch.linalg.solve_triangular(R, WSigK.T, upper=False).T      # W Σ K R⁻ᵀ
-        U_T = torch.linalg.svd(C0R, full_matrices=rT > min(C0R.shape))[0][:, :rT]
-        core = torch.cholesky_solve((U_T.T @ WSigK).T, R).T.reshape(rT, rS, kh, kw)  # U_Tᵀ C₀
-        error = _error(W2 - reconstruct(core, U_T, U_S), Sig, total)
+        U_S = torch.eye(S, dtype=W64.dtype, device=W64.device)
+        core = mode_product(W64, U_T.T, 0)
+    C = core.reshape(rT, rS * k)                              # G_(T), columns (j, p)
+    if k == 1:
+        return _weighted_tucker2_matrix(W64, Sig, B, total, (rT, rS), (C, U_T, U_S), W.dtype)
+
+    # Σ with its column index (s, p) reordered to (p, s), so that every contraction below is one
+    # matrix product: Xᵀ Σ' = (X ⊗ I_k)ᵀ Σ, rows (l, q), columns (p, s)
+    Sig_ps = Sig.view(S, k, S, k).permute(0, 1, 3, 2).reshape(S, k * d)
+    B_ps = B.view(T, S, k).transpose(1, 2).reshape(T * k, S)                  # W Σ, [(t, p), s]
+    del Sig                                                   # (a copy, if Σ was not symmetric)
+
+    def transposed_products(X):
+        """(X ⊗ I_k)ᵀ Σ for X [S, r]: [r·k, d], rows (l, q), columns (p, s)."""
+        return (X.T @ Sig_ps).view(X.shape[1] * k, d)
+
+    def products(U_S, KSig):
+        """Σ_K = Kᵀ Σ K [rS·k, rS·k] (rows and columns (j, p)) and W Σ K [T, rS·k] for
+        K = U_S ⊗ I_k, from KSig = Kᵀ Σ."""
+        Sig_K = (KSig.view(rS * k * k, S) @ U_S).view(rS * k, k, rS).transpose(1, 2).reshape(rS * k, rS * k)
+        BK = (B_ps @ U_S).view(T, k, rS).transpose(1, 2).reshape(T, rS * k)
+        return Sig_K, BK
+
+    def hessian(KSig_X, N_perm):
+        """H(X) [S, rS] of the U_S step from (X ⊗ I_k)ᵀ Σ (module docstring)."""
+        return KSig_X.view(-1, S).T @ N_perm
+
+    KSig = transposed_products(U_S)
+    Sig_K, BK = products(U_S, KSig)
+    history = [relative(total - 2 * float((U_T.T @ BK * C).sum()) + float((C @ Sig_K * C).sum()))]
+    best = (history[0], C, U_T, U_S)
+    if n_iter and rS < S:
+        A, P = _nearest_kronecker(Sig_ps.view(S, k, k, S))
+        chol_A = _prox_cholesky(A, rel_floor)
+    for it in range(int(n_iter)):
+        # (U_T, G) given U_S: weighted SVD of C₀ R, C₀ = W Σ K Σ_K⁻¹, Σ_K = R Rᵀ
+        R, delta = _cholesky(Sig_K, rel_floor, rounding)
+        C0R = torch.linalg.solve_triangular(R, BK.T, upper=False).T              # W Σ K R⁻ᵀ
+        U_T = left_singular_vectors(C0R, rT)
+        Y = U_T.T @ C0R
+        C = torch.linalg.solve_triangular(R, Y, upper=False, left=False)        # U_Tᵀ C₀ = Y R⁻¹
+        error = relative(total - float(Y.square().sum()) - delta * float(C.square().sum()))
         history.append(error)
         if error < best[0]:
-            best = (error, core, U_T, U_S)
-        if rS == S or history[-2] - error < tol * history[-2]:
+            best = (error, C, U_T, U_S)
+        if rS == S or it == n_iter - 1 or history[-2] - error < tol * history[-2]:
             break
-        # U_S ← U_S + U_⊥ X given (U_T, G): (S − rS)·rS normal equations H x = g
-        G = core.reshape(rT, rS, k)
-        U_perp = torch.linalg.qr(U_S, mode="complete")[0][:, rS:]                # [S, S − rS]
-        n = S - rS
-        Z_hat = G.reshape(rT, rS * k) @ torch.einsum("sj,spuq->jpuq", U_S, Sig4).reshape(rS * k, d)
-        F = (U_T.T @ WSig - Z_hat).reshape(rT, S, k)                           # (Z − Ẑ) Σ
-        g = U_perp.T @ torch.einsum("tjp,tsp->sj", G, F)                       # [n, rS]
-        Sig_perp = torch.einsum("sa,spuq,ub->apbq", U_perp, Sig4, U_perp)      # [n, k, n, k]
-        N = G.reshape(rT, rS * k).T @ G.reshape(rT, rS * k)                    # [(j,p), (l,q)]
-        H = (Sig_perp.permute(0, 2, 1, 3).reshape(n * n, k * k)
-             @ N.reshape(rS, k, rS, k).permute(0, 2, 1, 3).reshape(rS * rS, k * k).T)
-        H = H.reshape(n, n, rS, rS).permute(0, 2, 1, 3).reshape(n * rS, n * rS)
-        X = _prox_step(H, g.reshape(-1, 1)).reshape(n, rS)
-        U_S = torch.linalg.qr(U_S + U_perp @ X)[0]
-    _, core, U_T, U_S = best
+        # U_S given (U_T, G): CG on H X = g, the quadratic in U_S + X (module docstring)
+        N = C.T @ C                                                              # [(j,p), (l,q)]
+        N_perm = N.view(rS * k, rS, k).transpose(1, 2).reshape(rS * k * k, rS)   # [((l,q), p), j]
+        G = C.view(rT, rS, k)
+        g = ((U_T.T @ B).view(rT, S, k).transpose(0, 1).reshape(S, rT * k)
+             @ G.permute(0, 2, 1).reshape(rT * k, rS)) - hessian(KSig, N_perm)
+        chol_B = _prox_cholesky(torch.einsum("pq,jplq->jl", P, N.view(rS, k, rS, k)), rel_floor)
+
+        def precondition(Rs):                                                    # (A ⊗ B)⁻¹
+            return torch.cholesky_solve(torch.cholesky_solve(Rs, chol_A).T, chol_B).T
+
+        X, r = torch.zeros_like(U_S), g
+        z = precondition(r)
+        p, rz = z, float((r * z).sum())
+        for _ in range(CG_STEPS):
+            if not rz > 0:
+                break
+            KSig_p = transposed_products(p)
+            Hp = hessian(KSig_p, N_perm)
+            pHp = float((p * Hp).sum())
+            if not pHp > 0:
+                break
+            alpha = rz / pHp
+            X.add_(p, alpha=alpha)
+            r.sub_(Hp, alpha=alpha)
+            KSig.add_(KSig_p, alpha=alpha)                                      # ((U_S + X) ⊗ I_k)ᵀ Σ
+            z = precondition(r)
+            rz, rz_old = float((r * z).sum()), rz
+            p = z + (rz / rz_old) * p
+        U_S, upper = torch.linalg.qr(U_S + X)                                   # Kᵀ Σ follows: R⁻ᵀ
+        diagonal = upper.diagonal().abs()
+        if diagonal.min() > 1e-8 * diagonal.max():
+            KSig = torch.linalg.solve_triangular(upper.T, KSig.view(rS, k * d), upper=False).reshape(rS * k, d)
+        else:                                                                    # U_S + X lost rank
+            KSig = transposed_products(U_S)
+        Sig_K, BK = products(U_S, KSig)
+    _, C, U_T, U_S = best
+    core = C.reshape(rT, rS, kh, kw)
     return core.to(W.dtype), U_T.to(W.dtype), U_S.to(W.dtype), history
+
+
+def _weighted_tucker2_matrix(W64, Sig, B, total, ranks, start, dtype):
+    """:func:`weighted_tucker2` of a 1×1 kernel [T, S, 1, 1]: U_T G U_Sᵀ has rank r = min(rT, rS),
+    and the best rank-r matrix is U_r U_rᵀ W with U_r the leading eigenvectors of W Σ Wᵀ (the
+    weighted SVD). U_T = U_r and U_S = an orthonormal basis of the rows of U_rᵀ W, each completed
+    to its rank by orthonormal columns (their part of G is zero)."""
+    (rT, rS), (C, U_T0, U_S0) = ranks, start
+    T, S = W64.shape[:2]
+    W2 = W64.reshape(T, S)
+    history = [math.sqrt(max(total - 2 * float((U_T0.T @ B @ U_S0 * C).sum())
+                             + float((C @ U_S0.T @ Sig @ U_S0 * C).sum()), 0.0) / total)]
+    U_r = left_singular_vectors(B @ W2.T, min(rT, rS))                          # of W Σ Wᵀ [T, T]
+    U_T = torch.linalg.qr(U_r, mode="complete")[0][:, :rT]
+    U_S = torch.linalg.qr((U_r.T @ W2).T, mode="complete")[0][:, :rS]
+    optimum = U_T.T @ (U_r @ (U_r.T @ W2)) @ U_S                                # G of U_r U_rᵀ W
+    E = W2 - U_T @ optimum @ U_S.T
+    history.append(math.sqrt(max(float((E @ Sig * E).sum()), 0.0) / total))
+    if history[1] > history[0]:                 # the start can only tie, up to round-off
+        return C.reshape(rT, rS, 1, 1).to(dtype), U_T0.to(dtype), U_S0.to(dtype), history
+    return optimum.reshape(rT, rS, 1, 1).to(dtype), U_T.to(dtype), U_S.to(dtype), history
 
 
 def weighted_cp(W: torch.Tensor, Sigma, rank: int, form: str = "4way", n_iter: int = 50,
@@ -398,11 +529,13 @@ def weighted_cp(W: torch.Tensor, Sigma, rank: int, form: str = "4way", n_iter: i
     :func:`~lowrank.decompose.cp.conv_cp`. Σ [S·kh·kw, S·kh·kw] (or a :class:`Whitening`).
     Starts from ``init`` (a :class:`~lowrank.decompose.cp.CPResult` of that form) or from
     ``conv_cp(W, rank, form)``. Stops after ``n_iter`` sweeps or when the relative Σ-error
-    improves by less than ``tol`` (relative to its value).
+    improves by less than ``tol`` (relative to its value). Each solve carries the proximal term
+    δ = ``rel_floor`` × its mean diagonal (module docstring).
 
     Returns a :class:`~lowrank.decompose.cp.CPResult` of the best iterate (never worse than the
     start) whose ``relative_error`` and ``history`` are relative Σ-errors, ``history[0]`` the
-    start's. Warns with ``CPDegeneracyWarning`` when its components cancel each other.
+    start's. Warns with ``CPDegeneracyWarning`` when its components cancel each other or some
+    vanished (see :func:`~lowrank.decompose.cp.check_vanished`).
     """
     check_weight(W, 4)
     _check_loop(n_iter, tol)
@@ -411,8 +544,7 @@ def weighted_cp(W: torch.Tensor, Sigma, rank: int, form: str = "4way", n_iter: i
     T, S, kh, kw = W.shape
     d = S * kh * kw
     shape = (S, kh, kw) if form == "4way" else (S, kh * kw)          # input modes
-    wh = _as_whitening(Sigma, rel_floor, d, W.device)
-    Sig = wh.sigma
+    Sig = _sigma(Sigma, d, W.device)
     W2 = _to64(W).reshape(T, d)
     total = ((W2 @ Sig) * W2).sum()
     if total <= 0:
@@ -438,7 +570,7 @@ def weighted_cp(W: torch.Tensor, Sigma, rank: int, form: str = "4way", n_iter: i
         M = khatri_rao(X)
         SigM = Sig @ M
         gram = M.T @ SigM
-        A = A + _prox_step(gram, (W2 @ SigM - A @ gram).T).T
+        A = A + _prox_step(gram, (W2 @ SigM - A @ gram).T, rel_floor).T
         for n in range(m):
             # X_n column by column: each an exact I_n × I_n solve on the current residual
             others = [i for i in range(m) if i != n]
@@ -446,17 +578,20 @@ def weighted_cp(W: torch.Tensor, Sigma, rank: int, form: str = "4way", n_iter: i
             perm = [n, *others]
             Sig_p = Sig_nd.permute(*perm, *(m + i for i in perm)).reshape(In, O, In, O)
             K = khatri_rao([X[i] for i in others])                              # [O, R]
-            SJ = (Sig_p.reshape(In * O * In, O) @ K).reshape(In, O, In, rank)     # Σ J_q, all q
-            Hq = (SJ * K[None, :, None, :]).sum(1).permute(2, 0, 1)              # J_qᵀ Σ J_q [R, In, In]
-            chol = _prox_cholesky(Hq * A.square().sum(0)[:, None, None])
-            SJ = SJ.permute(3, 0, 1, 2).reshape(rank, d, In)
             F = residual(A, X).reshape(T, *shape).permute(0, *(1 + i for i in perm)).reshape(T, d)
             F = F @ Sig_p.reshape(d, d)                                         # E Σ, permuted
-            for q in range(rank):
-                g = (A[:, q] @ F).reshape(In, O) @ K[:, q]                      # J_qᵀ Σ Eᵀ a_q
-                step = torch.cholesky_solve(g[:, None], chol[q])[:, 0]
-                X[n][:, q] += step
-                F -= torch.outer(A[:, q], SJ[q] @ step)
+            for first in range(0, rank, O):     # O components at a time: their Σ J_q fill one Σ
+                Kc = K[:, first:first + O]
+                SJ = (Sig_p.reshape(In * O * In, O) @ Kc).reshape(In, O, In, -1)   # Σ J_q
+                Hq = (SJ * Kc[None, :, None, :]).sum(1).permute(2, 0, 1)         # J_qᵀ Σ J_q [c, In, In]
+                chol = _prox_cholesky(Hq * A[:, first:first + O].square().sum(0)[:, None, None], rel_floor)
+                SJ = SJ.permute(3, 0, 1, 2).reshape(-1, d, In)
+                for i in range(len(chol)):
+                    q = first + i
+                    g = (A[:, q] @ F).reshape(In, O) @ K[:, q]                  # J_qᵀ Σ Eᵀ a_q
+                    step = torch.cholesky_solve(g[:, None], chol[i])[:, 0]
+                    X[n][:, q] += step
+                    F -= torch.outer(A[:, q], SJ[i] @ step)
         for n in range(m):
             norms = torch.linalg.vector_norm(X[n], dim=0).clamp(min=torch.finfo(W2.dtype).tiny)
             X[n] = X[n] / norms
@@ -471,8 +606,9 @@ def weighted_cp(W: torch.Tensor, Sigma, rank: int, form: str = "4way", n_iter: i
     error, A, X = best
     weights = torch.linalg.vector_norm(A, dim=0)
     A = A / weights.clamp(min=torch.finfo(W2.dtype).tiny)
-    norm_ratio = float(weights.sum() / torch.linalg.vector_norm(W2))
-    if norm_ratio > 10 * math.sqrt(rank):
+    norm_W = float(torch.linalg.vector_norm(W2))
+    norm_ratio = float(weights.sum()) / norm_W
+    if not check_vanished(weights, norm_W, error) and norm_ratio > 10 * math.sqrt(rank):
         warnings.warn(f"Σ-weighted CP rank {rank}: sum of |weights| / ‖W‖ ≈ {norm_ratio:.3g} "
                       "(components cancel each other: the CP is degenerate)",
                       CPDegeneracyWarning, stacklevel=2)
