@@ -1,3 +1,4 @@
+import os
 import pytest
 import torch
 import torch.nn as nn
@@ -55,3 +56,19 @@ def test_compare_is_paired_and_relative_to_the_first_model():
     assert table["b"]["agreement"] == 1.0 and table["b"]["params ×"] == 1.0
     assert table["a"]["accuracy"] == measure.accuracy(model, data)
     assert "<table>" in table._repr_html_() and "agreement" in str(table)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message is only logged without a GPU")
+def test_importing_the_package_does_not_print_no_cuda_runtime(tmp_path):
+    """With a CUDA toolkit but no GPU, torch.utils.benchmark logs "No CUDA runtime is found" to
+    stderr on import; lowrank.measure (which imports it) filters that one line, nothing else."""
+    import subprocess
+    import sys
+    env = dict(os.environ, CUDA_HOME=str(tmp_path))  # a toolkit folder: torch then warns
+    code = ("import lowrank, logging; "
+            "logging.getLogger('torch.utils.cpp_extension').warning('another warning')")
+    bare = subprocess.run([sys.executable, "-c", "import torch.utils.benchmark"],
+                          env=env, capture_output=True, text=True)
+    ours = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert "No CUDA runtime is found" in bare.stderr  # the message exists without the filter
+    assert "No CUDA runtime is found" not in ours.stderr and "another warning" in ours.stderr
