@@ -1,7 +1,7 @@
 """The book's notebooks as committed: executed outputs, no volatile metadata, the setup cell.
 
     python .ci/notebooks.py execute book/02_svd.ipynb ...   re-run in place (`make outputs`)
-    python .ci/notebooks.py repository                      rewrite install lines (`make repository`)
+    python .ci/notebooks.py repository                      rewrite install lines, URLs (`make repository`)
 
 The repository setting lives in _config.yml (`repository:`); everything here derives from it.
 tests/test_book.py checks the committed notebooks with the same functions.
@@ -18,6 +18,10 @@ ROOT = Path(__file__).resolve().parent.parent
 SETUP_COMMENT = ("# Setup: on Colab, install this book's package "
                  "(the \"lowrank\" on PyPI is an unrelated project).")
 INSTALL = re.compile(r'^(\s*)%pip install -q "lowrank\[book\] @ git\+\S+"$', re.M)
+# Where else the repository's URL is written: (file, line pattern, replacement).
+METADATA = [("pyproject.toml", r'^Repository = ".*"$', 'Repository = "{url}"'),
+            ("pyproject.toml", r'^Issues = ".*"$', 'Issues = "{url}/issues"'),
+            ("CITATION.cff", r'^repository-code: ".*"$', 'repository-code: "{url}"')]
 # Cell metadata a run writes that says when, not what: dropped from committed notebooks.
 VOLATILE_CELL_KEYS = ("execution", "ExecuteTime", "papermill")
 
@@ -102,8 +106,9 @@ def execute(paths):
         nbformat.write(clean(nb), path)
 
 
-def set_install_lines(root=ROOT):
-    """Rewrite the install line of every chapter's and assignment's setup cell from _config.yml."""
+def set_repository(root=ROOT):
+    """Rewrite from _config.yml the install line of every chapter's and assignment's setup cell,
+    the URLs in pyproject.toml and CITATION.cff's repository-code (`make repository`)."""
     line, changed = install_line(root), []
     notebooks = chapters(root) + sorted(Path(root).glob("assignments/**/*.ipynb"))
     for path in notebooks:
@@ -116,7 +121,16 @@ def set_install_lines(root=ROOT):
             first.source = new
             nbformat.write(nb, path)
             changed.append(path)
-    print(f"{len(changed)} of {len(notebooks)} notebooks rewritten to: {line.strip()}")
+    url = repository(root)[0]
+    for name, pattern, replacement in METADATA:
+        path = Path(root) / name
+        if path.is_file():
+            text = path.read_text()
+            new = re.sub(pattern, replacement.format(url=url), text, flags=re.M)
+            if new != text:
+                path.write_text(new)
+                changed.append(path)
+    print(f"{len(changed)} files rewritten for {url}: {[str(p) for p in changed]}")
 
 
 if __name__ == "__main__":
@@ -124,6 +138,6 @@ if __name__ == "__main__":
     if command == "execute" and args:
         execute(args)
     elif command == "repository":
-        set_install_lines()
+        set_repository()
     else:
         raise SystemExit(__doc__)

@@ -10,6 +10,11 @@ import nbformat
 import pytest
 import yaml
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = pytest.importorskip("tomli")
+
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("notebooks", ROOT / ".ci" / "notebooks.py")
 notebooks = importlib.util.module_from_spec(_spec)
@@ -76,12 +81,29 @@ def test_install_line_and_colab_url_follow_the_config(tmp_path):
     (tmp_path / "book").mkdir()
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(notebooks.setup_source())])
     nbformat.write(nb, tmp_path / "book" / "01_x.ipynb")
-    notebooks.set_install_lines(tmp_path)
+    for name in ("pyproject.toml", "CITATION.cff"):
+        (tmp_path / name).write_text((ROOT / name).read_text())
+    notebooks.set_repository(tmp_path)
     first = read(tmp_path / "book" / "01_x.ipynb").cells[0].source
     assert first.endswith('%pip install -q "lowrank[book] @ git+https://github.com/someone/fork@dev"')
     assert first == notebooks.setup_source(tmp_path) != notebooks.setup_source()
     assert notebooks.colab_url(tmp_path / "book" / "01_x.ipynb", tmp_path) == (
         "https://colab.research.google.com/github/someone/fork/blob/dev/book/01_x.ipynb")
+    assert urls(tmp_path) == {"Repository": "https://github.com/someone/fork",
+                              "Issues": "https://github.com/someone/fork/issues",
+                              "repository-code": "https://github.com/someone/fork"}
+
+
+def urls(root):
+    """The repository URLs written in pyproject.toml and CITATION.cff."""
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]["urls"]
+    citation = yaml.safe_load((root / "CITATION.cff").read_text())
+    return {**project, "repository-code": citation["repository-code"]}
+
+
+def test_package_metadata_names_the_configured_repository():
+    url = notebooks.repository()[0]
+    assert urls(ROOT) == {"Repository": url, "Issues": f"{url}/issues", "repository-code": url}
 
 
 def test_no_nbval_comments(chapter):
