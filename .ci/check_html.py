@@ -14,6 +14,7 @@ written to the screenshots folder. Known failures of the current chapters are li
 import argparse
 import functools
 import http.server
+import shutil
 import sys
 import threading
 from collections import defaultdict
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import notebooks  # noqa: E402
 
 ROOT = notebooks.ROOT
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian: apt-get install chromium
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run",
                  "--dns-prefetch-disable"]
@@ -221,6 +222,9 @@ def main():
     parser.add_argument("--screenshots", type=Path, default=ROOT / "_build" / "screenshots")
     args = parser.parse_args()
     known = yaml.safe_load((ROOT / ".ci" / "known_failures.yml").read_text()) or {}
+    if not any(args.site.glob("**/*.html")):
+        print(f"no HTML pages under {args.site}: build the book first (make book)")
+        return 1
     report = check(args.site, args.screenshots)
     counts = {"ok": 0, "known": 0, "failed": 0}
     for rel, problems in report.items():
