@@ -1,17 +1,22 @@
 """Real data sets with the transforms the book's models expect.
 
-Each loader looks in the data root (:func:`lowrank.storage.data_root`) for the full torchvision
-data set first, then for the offline copy the book ships with (see the data README), and only
-then tries to download; when all fail it raises :class:`~lowrank.storage.MissingDataError`.
-Never random data.
+Each loader looks in the data root (:func:`lowrank.storage.data_root`), then in the download
+folder (:func:`lowrank.storage.download_root`), for the full torchvision data set first, then for
+the offline copy the book ships with (see the data README), and only then downloads into the
+download folder (never into the data root); when all fail it raises
+:class:`~lowrank.storage.MissingDataError`, and an unreadable file raises
+:class:`~lowrank.storage.CorruptDataError` naming it. Never random data.
 """
+import zipfile
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
-from .storage import data_root, missing
+from .storage import corrupt, data_root, download_root, find, missing
 
 #: ImageNet statistics, used by the pretrained CIFAR-10 ResNets (Idelbayev's training script).
 MEAN = (0.485, 0.456, 0.406)
@@ -55,28 +60,59 @@ def cifar10_transform(augment: bool = False):
     return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
 
 
+#: Images per official CIFAR-10 training batch in the offline subset (and the test images kept).
+OFFLINE_PER_BATCH = 1017
+
+
+def book_order(n: int, batches: int = 5, per_batch: int = OFFLINE_PER_BATCH) -> list[int]:
+    """Indices of the full CIFAR-10 training set (``n`` images, ``batches`` equal official
+    batches) in book order: the first ``per_batch`` images of each batch (the offline subset, in
+    its order), then all the others in official order."""
+    size = n // batches
+    first = [b * size + i for b in range(batches) for i in range(min(per_batch, size))]
+    chosen = set(first)
+    return first + [i for i in range(n) if i not in chosen]
+
+
 def cifar10(split: str = "test", limit: int | None = None, augment: bool = False, download: bool = True):
     """CIFAR-10 (Krizhevsky 2009) as a Dataset of (image [3, 32, 32] normalised, label).
 
-    ``limit`` keeps the first images in official order, so a capped run sees the same images with
-    the full set and with the offline subset (1,017 test / 5,085 train images).
+    Images come in book order, so that ``limit`` selects the same images with the full data set
+    and with the offline subset: the test set in official order (the subset holds its first
+    1,017), the training set as the first 1,017 images of each of the 5 official batches (the
+    subset's 5,085), then the rest (:func:`book_order`).
     """
     _check_split(split)
-    root, transform = data_root(), cifar10_transform(augment)
-    if (root / "cifar-10-batches-py").is_dir():
-        return _first(datasets.CIFAR10(root, train=split == "train", transform=transform), limit)
-    offline = root / "cifar10-offline" / f"{split}.npz"
-    if offline.is_file():
-        arrays = np.load(offline)
-        return _first(ImageArray(arrays["images"], arrays["labels"], arrays["classes"], transform), limit)
-    if download:
+    transform, train = cifar10_transform(augment), split == "train"
+    full = find("cifar-10-batches-py")
+    offline = find(f"cifar10-offline/{split}.npz")
+    if full is None and offline is None and download:
         try:
-            full = datasets.CIFAR10(root, train=split == "train", transform=transform, download=True)
-            return _first(full, limit)
+            datasets.CIFAR10(download_root(), train=train, download=True)
         except Exception as error:  # no network, no permission: say what to do instead
             raise missing("CIFAR-10", "cifar10-offline/{train,test}.npz (or cifar-10-batches-py/)",
                           "call lowrank.data.cifar10() on a machine with internet access, which "
                           "downloads it with torchvision") from error
+        full = download_root() / "cifar-10-batches-py"
+    if full is not None:
+        try:
+            data = datasets.CIFAR10(full.parent, train=train, transform=transform)
+        except RuntimeError as error:  # torchvision's md5 check failed
+            raise corrupt(full, "torchvision's md5 check of its batches failed",
+                          "delete the folder and call lowrank.data.cifar10() with internet "
+                          "access, or put the book's offline cifar10-offline/ there") from error
+        if train:
+            data = torch.utils.data.Subset(data, book_order(len(data)))
+        return _first(data, limit)
+    if offline is not None:
+        try:
+            with np.load(offline) as arrays:
+                images, labels, classes = arrays["images"], arrays["labels"], arrays["classes"]
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as error:
+            raise corrupt(offline, f"{type(error).__name__}: {error}",
+                          "copy it again from the book's offline data (its sha256 is in the "
+                          "data folder's SHA256SUMS), or delete it to use the full CIFAR-10") from error
+        return _first(ImageArray(images, labels, classes, transform), limit)
     raise missing("CIFAR-10", "cifar10-offline/{train,test}.npz (or cifar-10-batches-py/)",
                   "call lowrank.data.cifar10(download=True) with internet access")
 
@@ -85,15 +121,20 @@ def mnist(split: str = "test", limit: int | None = None, download: bool = True):
     """MNIST (LeCun et al. 1998) as a Dataset of (image [1, 28, 28] normalised, label)."""
     _check_split(split)
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(MNIST_MEAN, MNIST_STD)])
+    raw = find("MNIST/raw")
+    if raw is not None:
+        try:
+            return _first(datasets.MNIST(raw.parent.parent, train=split == "train",
+                                         transform=transform), limit)
+        except RuntimeError as absent:
+            if not download:
+                raise missing("MNIST", "MNIST/raw/ (the four idx files)",
+                              "call lowrank.data.mnist(download=True) with internet access") from absent
+    elif not download:
+        raise missing("MNIST", "MNIST/raw/ (the four idx files)",
+                      "call lowrank.data.mnist(download=True) with internet access")
     try:
-        return _first(datasets.MNIST(data_root(), train=split == "train", transform=transform,
-                                     download=False), limit)
-    except RuntimeError as absent:
-        if not download:
-            raise missing("MNIST", "MNIST/raw/ (the four idx files)",
-                          "call lowrank.data.mnist(download=True) with internet access") from absent
-    try:
-        return _first(datasets.MNIST(data_root(), train=split == "train", transform=transform,
+        return _first(datasets.MNIST(download_root(), train=split == "train", transform=transform,
                                      download=True), limit)
     except Exception as error:
         raise missing("MNIST", "MNIST/raw/ (the four idx files)",
@@ -101,7 +142,7 @@ def mnist(split: str = "test", limit: int | None = None, download: bool = True):
                       "it with torchvision") from error
 
 
-def imagenet_sample(size: int = 32):
+def imagenet_sample(size: int = 32, download: bool = True):
     """1,000 ImageNet validation-style images, one per class, as a Dataset of
     (image [3, size, size] normalised with the ImageNet statistics, class index 0–999).
 
@@ -110,12 +151,7 @@ def imagenet_sample(size: int = 32):
     """
     if int(size) != size or size < 8:
         raise ValueError(f"size must be an integer ≥ 8, got {size!r}")
-    folder = data_root() / "imagenet-sample"
-    files = sorted(folder.glob("*.JPEG")) if folder.is_dir() else []
-    if not files:
-        raise missing("The ImageNet sample", "imagenet-sample/<wnid>_<name>.JPEG (1,000 images)",
-                      "download the images of github.com/EliSchwartz/imagenet-sample-images into "
-                      "that folder (ImageNet terms of use apply)")
+    files = sorted(imagenet_sample_folder(download).glob("*.JPEG"))
     transform = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size),
                                     transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
     wnids = sorted({f.name.split("_")[0] for f in files})
@@ -135,3 +171,48 @@ class ImageFiles(Dataset):
     def __getitem__(self, i):
         with Image.open(self.files[i]) as img:
             return self.transform(img.convert("RGB")), self.labels[i]
+
+
+# The ImageNet sample off-machine: the same 1,000 files, from a pinned commit, sha256-checked.
+IMAGENET_SAMPLE_URL = ("https://raw.githubusercontent.com/EliSchwartz/imagenet-sample-images/"
+                       "bc69043e2862758a1906c6a24a792bb28c6bb2ff/")
+
+
+def imagenet_sample_files() -> dict:
+    """File name → sha256 of the 1,000 images (lowrank/imagenet_sample.sha256)."""
+    lines = Path(__file__).with_name("imagenet_sample.sha256").read_text().splitlines()
+    return {name: digest for digest, name in (line.split("  ", 1) for line in lines)}
+
+
+def imagenet_sample_folder(download: bool = True) -> Path:
+    """The folder that holds all 1,000 sample images: the data root's, else the download folder's,
+    where the missing ones are downloaded (each checked against its sha256) when ``download``."""
+    import torch.hub
+    from concurrent.futures import ThreadPoolExecutor
+    from urllib.parse import quote
+
+    names = imagenet_sample_files()
+    how = ("download the images of github.com/EliSchwartz/imagenet-sample-images into that folder "
+           "(ImageNet terms of use apply), or call lowrank.data.imagenet_sample() with internet access")
+    folders = (data_root() / "imagenet-sample", download_root() / "imagenet-sample")
+    for folder in folders:
+        if all((folder / name).is_file() for name in names):
+            return folder
+    if not download:
+        raise missing("The ImageNet sample", "imagenet-sample/<wnid>_<name>.JPEG (1,000 images)", how)
+    folder = folders[1]
+    todo = [name for name in names if not (folder / name).is_file()]
+
+    def get(name):
+        torch.hub.download_url_to_file(IMAGENET_SAMPLE_URL + quote(name), str(folder / name),
+                                       hash_prefix=names[name], progress=False)
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        get(todo[0])  # one first: without network, fail at once
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(get, todo[1:]))
+    except Exception as error:
+        raise missing("The ImageNet sample", "imagenet-sample/<wnid>_<name>.JPEG (1,000 images)",
+                      how) from error
+    return folder

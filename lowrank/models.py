@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .storage import cache_root, data_root, missing, sha256
+from .storage import cache_root, fetch
 
 CHECKPOINTS = {  # depth → (file, sha256)
     20: ("resnet20-12fca82f.th", "12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8"),
@@ -71,21 +71,10 @@ class CifarResNet(nn.Module):
 
 
 def checkpoint_path(depth: int):
-    """Path of the verified checkpoint of ResNet-``depth``: from the data root, else downloaded there."""
+    """Path of the verified checkpoint of ResNet-``depth``: from the data root, else downloaded
+    into the download folder (:func:`lowrank.storage.fetch`)."""
     name, digest = CHECKPOINTS[depth]
-    path = data_root() / "checkpoints" / name
-    if not path.is_file():
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(URL + name, str(path), hash_prefix=digest[:8], progress=False)
-        except Exception as error:
-            raise missing(f"The ResNet-{depth} checkpoint", f"checkpoints/{name}",
-                          f"call lowrank.models.resnet{depth}(pretrained=True) with internet access "
-                          f"(it downloads {URL + name})") from error
-    if sha256(path) != digest:
-        raise RuntimeError(f"{path} is corrupt: its sha256 is not {digest}. Delete it and "
-                           f"download it again from {URL + name}.")
-    return path
+    return fetch(f"checkpoints/{name}", URL + name, digest, f"The ResNet-{depth} checkpoint")
 
 
 def cifar_resnet(depth: int, pretrained: bool = True) -> CifarResNet:

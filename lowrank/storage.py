@@ -1,4 +1,8 @@
-"""Where data and weights live: one data root (read-only to the package) and one user cache."""
+"""Where data and weights live: one data root (read-only to the package) and one user cache.
+
+What the data root lacks is looked for, and downloaded, in the download folder of the user cache
+(:func:`download_root`); the package never writes into a data root the user set.
+"""
 import hashlib
 import os
 from pathlib import Path
@@ -6,6 +10,10 @@ from pathlib import Path
 
 class MissingDataError(FileNotFoundError):
     """A data set or weight file is neither in the data root nor downloadable."""
+
+
+class CorruptDataError(RuntimeError):
+    """A data or weight file is there but cannot be used: truncated, altered or unreadable."""
 
 
 def data_root() -> Path:
@@ -21,6 +29,40 @@ def cache_root() -> Path:
         return Path(os.environ["LOWRANK_CACHE"]).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "lowrank"
+
+
+def download_root() -> Path:
+    """Where the package downloads what the data root lacks: ``cache_root() / "data"`` (the data
+    root itself when ``LOWRANK_DATA`` is unset). A data root that the user set is never written."""
+    return cache_root() / "data"
+
+
+def find(relative: str) -> Path | None:
+    """``relative`` (a file or folder) in the data root, else in the download folder, else None."""
+    for root in dict.fromkeys([data_root(), download_root()]):
+        if (root / relative).exists():
+            return root / relative
+    return None
+
+
+def fetch(relative: str, url: str, digest: str, what: str) -> Path:
+    """The file ``relative`` whose sha256 is ``digest``: from the data root or the download folder
+    (:func:`find`), else downloaded from ``url`` into the download folder; checked either way."""
+    import torch.hub
+
+    path = find(relative)
+    if path is None:
+        path = download_root() / relative
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, str(path), hash_prefix=digest, progress=False)
+        except Exception as error:  # no network, no permission, a changed file: say what to do
+            raise missing(what, relative, f"with internet access it is downloaded from {url} "
+                          f"into {download_root()}") from error
+    if sha256(path) != digest:
+        raise corrupt(path, f"its sha256 is not {digest}",
+                      f"delete it and download it again from {url}")
+    return path
 
 
 def sha256(path) -> str:
@@ -40,3 +82,8 @@ def missing(what: str, offline: str, online: str) -> MissingDataError:
         f"  1. offline: put {offline} there, or point LOWRANK_DATA at a folder that holds it;\n"
         f"  2. online: {online}"
     )
+
+
+def corrupt(path, reason: str, fix: str) -> CorruptDataError:
+    """The one error for an unusable file: names the file, what is wrong, and what to do."""
+    return CorruptDataError(f"{path} is corrupt or truncated ({reason}).\nFix it: {fix}.")

@@ -1,3 +1,5 @@
+import logging
+
 import pytest
 import torch
 import torch.nn as nn
@@ -80,3 +82,23 @@ def test_paired_compares_two_models_on_the_same_images():
     data = lr.data.cifar10("test", limit=64)
     d = measure.paired(model, model, data)
     assert d.difference == 0 and d.se == 0 and d.total == 64
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message is only logged without a GPU")
+def test_no_cuda_runtime_line_is_filtered_and_nothing_else(tmp_path, monkeypatch):
+    """With a CUDA toolkit but no GPU, torch.utils.benchmark's import of cpp_extension logs
+    "No CUDA runtime is found" to stderr (it showed on the book's pages); lowrank.measure filters
+    that one line at its logger, and lets every other warning through."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))  # a toolkit folder: torch then logs the line
+    records, handler = [], logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    logger.addHandler(handler)
+    try:
+        assert cpp_extension._find_cuda_home() == str(tmp_path)
+        logger.warning("another warning")
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == ["another warning"]

@@ -33,6 +33,7 @@ def test_corrupt_checkpoint_is_refused(tmp_path, monkeypatch):
 
 def test_missing_checkpoint_without_network_explains(tmp_path, monkeypatch):
     monkeypatch.setenv("LOWRANK_DATA", str(tmp_path))
+    monkeypatch.setenv("LOWRANK_CACHE", str(tmp_path / "cache"))  # no earlier download found
     monkeypatch.setattr(lr.models, "URL", "file:///nonexistent/")
     with pytest.raises(MissingDataError, match="checkpoints/resnet32"):
         lr.models.resnet32()
