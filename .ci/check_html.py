@@ -6,7 +6,7 @@ For every page: every local link, image and script resolves (anchors included); 
 repository and issue buttons point at _config.yml's repository; in headless Chromium (Debian's
 `chromium`, driven by Playwright) the page loads with no console error and no request leaving
 the machine, every image is loaded, all math is rendered by the site's own MathJax, and no
-jupyter-widget view (dead without a kernel) is on the page, each widget cell of the notebook being
+jupyter-widget view (dead without a kernel) is on the page, no code block is wider than the page, each widget cell of the notebook being
 tagged remove-output and followed by its static twin. A full-page screenshot of every page is
 written to the screenshots folder. Known failures of the current chapters are listed in
 .ci/known_failures.yml; a listed page that passes is an error too.
@@ -34,7 +34,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-component-update", "--disable-sync", "--no-first-run",
                  "--dns-prefetch-disable"]
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
-CHECKS = ("links", "buttons", "console", "offline", "figures", "math", "widgets")
+CHECKS = ("links", "buttons", "console", "offline", "figures", "math", "widgets", "code")
 
 
 class Page(HTMLParser):
@@ -129,6 +129,8 @@ BROWSER_CHECK = """async () => {
         mathjax_src: [...document.scripts].map(s => s.src).filter(s => /mathjax/i.test(s)),
         broken_images: images.filter(img => !(img.naturalWidth > 0)).map(img => img.src),
         images: images.length,
+        hidden_code: [...document.querySelectorAll('div.highlight pre')]
+            .filter(p => p.scrollWidth > p.clientWidth + 1).map(p => p.textContent.slice(0, 60)),
         widget_views: document.querySelectorAll(
             'script[type="application/vnd.jupyter.widget-view+json"]').length,
     };
@@ -169,6 +171,8 @@ def browse(site: Path, pages: list, screenshots: Path) -> dict:
                     problems["math"].append(f"MathJax not served by the site: {state['mathjax_src']}")
                 if state["broken_images"]:
                     problems["figures"] += [f"not loaded: {s}" for s in state["broken_images"]]
+                if state["hidden_code"]:
+                    problems["code"] += [f"code wider than the page: {t!r}…" for t in state["hidden_code"]]
                 if state["widget_views"]:
                     problems["widgets"].append(f"{state['widget_views']} widget view(s) on the page "
                                                "(dead without a kernel)")
