@@ -36,7 +36,8 @@ assignments-test: $(VENV)/.installed
 	$(PY) -m pytest assignments/tests
 
 # The web book without solutions (sphinx-exercise's hide_solutions): _build/student/_build/html.
-STUDENT_CONFIG := _build/student/_config.yml
+# Its config sits beside _config.yml (gitignored): the paths in a config are relative to it.
+STUDENT_CONFIG := .config-student.yml
 book-student: $(VENV)/.installed $(MATHJAX)
 	mkdir -p _build/student
 	$(PY) -c "import yaml; c = yaml.safe_load(open('_config.yml')); \
