@@ -3,6 +3,7 @@ import os
 import pytest
 import torch
 
+import lowrank as lr
 from lowrank.storage import data_root
 
 
@@ -21,3 +22,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def resnet20():
+    """The pretrained CIFAR-10 ResNet-20 (do not modify it in a test)."""
+    return lr.models.resnet20()
+
+
+@pytest.fixture(scope="module")
+def images():
+    """The first 16 CIFAR-10 test images [16, 3, 32, 32], normalised."""
+    return torch.stack([lr.data.cifar10("test", limit=16)[i][0] for i in range(16)])

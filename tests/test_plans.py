@@ -9,16 +9,6 @@ import torch.nn as nn
 import lowrank as lr
 
 
-@pytest.fixture(scope="module")
-def resnet20():
-    return lr.models.resnet20()
-
-
-@pytest.fixture(scope="module")
-def images():
-    return torch.stack([lr.data.cifar10("test", limit=16)[i][0] for i in range(16)])
-
-
 def test_plan_keeps_the_requested_share_of_parameters(resnet20):
     plan = lr.plan(resnet20, "svd", 0.5, exclude=["conv1", "linear"])
     assert plan.compressed() == [n for n in plan if n.startswith("layer")]

@@ -5,17 +5,7 @@ import torch
 import torch.nn as nn
 
 import lowrank as lr
-from lowrank.layers import ChannelSVDConv2d, CPConv2d, LowRankLinear, Tucker2Conv2d
-
-
-@pytest.fixture(scope="module")
-def resnet20():
-    return lr.models.resnet20()
-
-
-@pytest.fixture(scope="module")
-def images():
-    return torch.stack([lr.data.cifar10("test", limit=16)[i][0] for i in range(16)])
+from lowrank.layers import ChannelSVDConv2d, LowRankLinear, Tucker2Conv2d
 
 
 def small_net(seed=0):

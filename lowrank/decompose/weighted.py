@@ -102,7 +102,7 @@ import torch
 
 from .cp import CPDegeneracyWarning, CPResult, check_vanished, conv_cp
 from .svd import check_rank, check_weight
-from .tucker import hosvd, left_singular_vectors, mode_product, tucker2_reconstruct
+from .tucker import hosvd, left_singular_vectors, mode_product
 
 # Conjugate-gradient steps per U_S update of the Σ-weighted Tucker-2 (each one product of Σ
 # with a [d, rS] matrix); benchmarks/results/tucker2_scaling.md measures the choice.
