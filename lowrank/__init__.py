@@ -8,6 +8,7 @@
 from . import batchnorm, data, decompose, layers, measure, models, ranks, storage, train
 from .batchnorm import fold_bn, recalibrate_bn
 from .plans import Plan, plan
+from .search import search
 from .sequential import compress_sequential
 from .stats import LayerStats, calibrate, load_stats, save_stats
 from .surgery import compress, load, save, structure

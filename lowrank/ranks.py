@@ -202,9 +202,9 @@ class _Costs:
         if by == "macs":
             self.dense = layer.dense_cost()[1]
             self.macs = _macs_form(layer, self.dense)
-            if self.macs is None:  # spatial SVD: probe ranks 1 and 2 (its two convs stride differently)
+            if self.macs is None:  # spatial SVD, CP: probe ranks 1 and 2 (their convs stride differently)
                 one = layer.cost(1)[1]
-                self.macs = (one, layer.cost(2)[1] - one if full >= 2 else 0)
+                self.macs = (one, layer.cost(2)[1] - one if full is None or full >= 2 else 0)
 
     def _eval(self, coef, rank):
         if self.tucker:
@@ -227,7 +227,7 @@ class _Costs:
 
 
 def _macs_form(layer, dense_macs):
-    """MACs coefficients in the form of :class:`_Costs` (None for spatial SVD).
+    """MACs coefficients in the form of :class:`_Costs` (None for spatial SVD and CP).
 
     With P output positions (dense MACs / weight entries) and a matrix [a, b]: r(a + b)·P for the
     SVDs; Tucker-2 on an input of H·W positions: S·rS·H·W + rS·rT·kh·kw·P + rT·T·P.
@@ -248,7 +248,7 @@ def _params_form(layer):
     """(dense parameters, coefficients of the factorized parameters in the form of :class:`_Costs`).
 
     Linear / channel SVD: r(a + b) (+ bias) for a matrix [a, b]; spatial SVD: r(S·kh + T·kw);
-    Tucker-2: S·rS + rS·rT·kh·kw + rT·T. Checked against :meth:`lowrank.plans.Layer.params` in the tests.
+    Tucker-2: S·rS + rS·rT·kh·kw + rT·T; CP: R(S + kh + kw + T), 3-way R(S + kh·kw + T). Checked against :meth:`lowrank.plans.Layer.params` in the tests.
     """
     m = layer.module
     bias = m.bias.numel() if getattr(m, "bias", None) is not None else 0
@@ -262,7 +262,20 @@ def _params_form(layer):
     if layer.method == "tucker2":  # S rS + rS rT kh kw + rT T at (1 + x, 1 + y)
         k = kh * kw
         return dense, (S + k + T + bias, k + T, S + k, k)
+    if layer.method in ("cp", "cp3"):  # R (S + kh + kw + T) or R (S + kh kw + T)
+        per_rank = S + T + (kh + kw if layer.method == "cp" else kh * kw)
+        return dense, (per_rank + bias, per_rank)
     raise ValueError(f"{layer.name}: method {layer.method!r} has no spectrum to allocate ranks by")
+
+
+def check_budget(costs, fraction: float, by: str, target: float):
+    """``ValueError`` saying the smallest possible fraction when rank 1 everywhere (a list of
+    :class:`_Costs`) costs more than ``target`` = ``fraction`` of the layers' dense ``by``."""
+    least = sum(c((1, 1) if c.tucker else 1) for c in costs)
+    if least > target:
+        total = sum(c.dense for c in costs)
+        raise ValueError(f"a budget of {fraction:.4g} of the {by} is below the minimum: rank 1 "
+                         f"everywhere keeps {least / total:.4f} ({least:,} of {total:,} {by})")
 
 
 class budget:
@@ -282,11 +295,17 @@ class budget:
     ``method="bisect"``: one threshold τ for every layer, ARSVD's ``energy(τ)`` rule, the largest
     τ (by bisection) whose ranks fit the budget.
 
+    ``stats`` (from :func:`lowrank.calibrate`; channel SVD and linear layers): the data-informed
+    allocation. Each layer's spectrum is that of W L, Σ + δI = L Lᵀ with the ridge δ of
+    :func:`lowrank.compress` (1e-3): the singular values whose squares the Σ-weighted SVD of
+    ``compress(model, plan, stats)`` drops, so the gains are the shares of output error.
+
     Raises ``ValueError`` when even rank 1 everywhere exceeds the budget (the message says the
     smallest possible fraction).
     """
 
-    def __init__(self, fraction: float, by: str = "params", score: str = "energy", method: str = "greedy"):
+    def __init__(self, fraction: float, by: str = "params", score: str = "energy", method: str = "greedy",
+                 stats=None):
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
         if by not in ("params", "macs"):
@@ -296,24 +315,35 @@ class budget:
         if method not in ("greedy", "bisect"):
             raise ValueError(f"method must be 'greedy' or 'bisect', got {method!r}")
         self.fraction, self.by, self.score, self.method = float(fraction), by, score, method
+        self.stats = stats
 
     def __repr__(self):
-        return f"budget({self.fraction}, by={self.by!r}, score={self.score!r}, method={self.method!r})"
+        data = ", stats=…" if self.stats is not None else ""
+        return f"budget({self.fraction}, by={self.by!r}, score={self.score!r}, method={self.method!r}{data})"
+
+    def _matrices(self, layer):
+        if self.stats is None:
+            return layer.matrices()
+        from .decompose.weighted import ridged, whitening
+
+        if not (layer.type == "Linear" or layer.method == "svd"):
+            raise ValueError(f"{layer.name}: a data-informed budget (stats=...) allocates channel SVD ranks; "
+                             f"{layer.method!r} layers have no Σ-whitened spectrum")
+        if layer.name not in self.stats:
+            raise ValueError(f"{layer.name}: the stats have no entry for this layer: calibrate with "
+                             f"lowrank.calibrate(model, data, plan)")
+        return [whitening(ridged(self.stats[layer.name].sigma)).whiten(layer.matrices()[0].double())]
 
     def allocate(self, layers) -> dict:
         """{layer name: rank} meeting the budget (see the class docstring)."""
         for layer in layers:
             if layer.full_rank() is None:
                 raise ValueError(f"{layer.name}: method {layer.method!r} has no spectrum to allocate ranks by")
-        gains = [[_gains(_singular_values(M), self.score) for M in layer.matrices()] for layer in layers]
+        gains = [[_gains(_singular_values(M), self.score) for M in self._matrices(layer)] for layer in layers]
         costs = [_Costs(layer, self.by) for layer in layers]
         target = self.fraction * sum(c.dense for c in costs)
         start = [(1, 1) if c.tucker else 1 for c in costs]
-        least = sum(c(r) for c, r in zip(costs, start))
-        if least > target:
-            total = sum(c.dense for c in costs)
-            raise ValueError(f"a budget of {self.fraction:.4g} of the {self.by} is below the minimum: rank 1 "
-                             f"everywhere keeps {least / total:.4f} ({least:,} of {total:,} {self.by})")
+        check_budget(costs, self.fraction, self.by, target)
         choose = self._greedy if self.method == "greedy" else self._bisect
         ranks = choose(layers, gains, costs, start, target)
         return {layer.name: r for layer, r in zip(layers, ranks)}
