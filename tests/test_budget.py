@@ -56,12 +56,12 @@ def test_tau_one_keeps_full_rank_and_ranks_are_monotone_in_tau(resnet56):
             assert flat[0] != flat[-1]
 
 
-@pytest.mark.parametrize("method", ["svd", "tucker2", "spatial"])
+@pytest.mark.parametrize("method", ["svd", "tucker2", "spatial", "cp", "cp3"])
 def test_closed_form_costs_match_the_built_layers(resnet56, method):
     linear = Layer("linear", resnet56.linear, "svd", (64,))
     for layer in block_layers(resnet56, method)[::13] + [linear]:
         costs = _Costs(layer, "macs")
-        full = layer.full_rank()
+        full = layer.full_rank() or 300           # CP: no full rank; 300 saves nothing on these layers
         ranks = [(1, 1), (3, 5), (full[0], 2), full] if isinstance(full, tuple) else [1, 3, full // 2, full]
         for r in ranks:
             params, macs = layer.cost(r)
@@ -147,3 +147,16 @@ def test_impossible_budgets_and_bad_arguments_raise(resnet56):
 def test_full_budget_keeps_every_layer_dense(resnet56):
     plan = lr.plan(resnet56, "svd", lr.ranks.budget(1.0), include=["layer3*"])
     assert plan.compressed() == []
+
+
+def test_the_data_informed_budget_takes_channel_svd_stats_only(resnet56):
+    images = torch.stack([lr.data.cifar10("test", limit=8)[i][0] for i in range(8)])
+    two = ["layer1.0.conv1", "layer3.0.conv1"]
+    stats = lr.calibrate(resnet56, images, layers=two, progress=False)
+    informed = lr.plan(resnet56, "svd", lr.ranks.budget(0.3, stats=stats), include=two, norm="data")
+    plain = lr.plan(resnet56, "svd", lr.ranks.budget(0.3), include=two)
+    assert [informed[n]["rank"] for n in two] != [plain[n]["rank"] for n in two]
+    with pytest.raises(ValueError, match="layer1.0.conv2: the stats have no entry"):
+        lr.plan(resnet56, "svd", lr.ranks.budget(0.3, stats=stats), include=["layer1.0.conv*"])
+    with pytest.raises(ValueError, match="layer1.0.conv1: a data-informed budget .* 'tucker2'"):
+        lr.plan(resnet56, "tucker2", lr.ranks.budget(0.3, stats=stats), include=["layer1.0.conv1"])

@@ -1,3 +1,5 @@
+import copy
+
 import numpy as np
 import pytest
 import tensorly as tl
@@ -6,6 +8,7 @@ from tensorly.decomposition import partial_tucker, tucker
 from tensorly.tenalg import mode_dot
 
 from lowrank import models
+from lowrank.layers import Tucker2Conv2d
 from lowrank.decompose.tucker import (hooi, hosvd, left_singular_vectors, mode_product, relative_error,
                                       tucker2_reconstruct, unfold)
 
@@ -142,3 +145,28 @@ def test_hooi_bad_options_raise():
     for options in ({"n_iter": -1}, {"n_iter": 2.5}, {"tol": -1e-3}, {"tol": float("nan")}):
         with pytest.raises(ValueError):
             hooi(W, (2, 2), **options)
+
+
+def test_a_tensor_train_conv_is_a_tucker2_conv_and_hooi_fits_it_at_least_as_well(resnet20):
+    """RENE's "TT" convolution (3 cores of W as T × kh·kw × S, ranks (r1, r2)) is the Tucker-2
+    layer with core G1, U_T = G0, U_S = G2ᵀ: same three convs, same parameters. TensorLy's TT-SVD
+    cores loaded into Tucker2Conv2d give the TT layer exactly; HOOI at the same ranks never fits
+    the weight worse."""
+    from tensorly.decomposition import tensor_train
+
+    with tl.backend_context("pytorch"):
+        for name in ["layer1.0.conv1", "layer2.0.conv1", "layer3.2.conv2"]:   # strides 1 and 2
+            conv = copy.deepcopy(resnet20.get_submodule(name)).double()
+            W = conv.weight.detach()
+            T, S, kh, kw = W.shape
+            for r1, r2 in [(T // 4, T // 4), (T // 2, S // 4)]:
+                G0, G1, G2 = tensor_train(W.permute(0, 2, 3, 1).reshape(T, kh * kw, S), rank=[1, r1, r2, 1])
+                W_tt = torch.einsum("ta,asb,bc->tsc", G0[0], G1, G2[:, :, 0]).reshape(T, kh, kw, S).permute(0, 3, 1, 2)
+                core = G1.reshape(r1, kh, kw, r2).permute(0, 3, 1, 2)
+                layer = Tucker2Conv2d.from_factors(conv, core, G0[0], G2[:, :, 0].T)
+                x = torch.randn(4, S, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+                expected = torch.nn.functional.conv2d(x, W_tt, conv.bias, conv.stride, conv.padding)
+                assert torch.allclose(layer(x), expected, atol=1e-10)
+                assert sum(p.numel() for p in layer.parameters()) == T * r1 + r1 * r2 * kh * kw + r2 * S
+                hooi_error = relative_error(W, Tucker2Conv2d.from_dense(conv, (r1, r2)).weight)
+                assert hooi_error <= relative_error(W, W_tt) + 1e-12
