@@ -25,7 +25,7 @@ teacher=dense)` with fit's defaults (3 epochs, distillation). Methods (channel S
 Times: rank selection ("select": calibration, search) and compression, wall-clock on this
 machine, with the machine and its load printed in the results.
 
-Run (resumable: finished rows are kept in benchmarks/results/rank_search.json):
+Run (resumable: finished rows are kept in benchmarks/results/rank_search_<net>.json):
   LOWRANK_DATA=/work/shared/data .venv/bin/python benchmarks/rank_search.py --net resnet20
   LOWRANK_DATA=/work/shared/data .venv/bin/python benchmarks/rank_search.py --net resnet56
   .venv/bin/python benchmarks/rank_search.py --report        # writes rank_search.md from the JSON
@@ -131,8 +131,9 @@ def rene_ranks(model, names, data, gamma=0.4, beta=0.8, grid=(10, 100, 10), fact
 
 
 # ---------------------------------------------------------------------------------- the methods
-def method_rows(model, name, fraction, by, stats, only=None):
-    """(method, plan, compress function, seconds to select) for each method at this budget."""
+def method_rows(model, name, fraction, by, stats, only=None, done=()):
+    """(method, plan, compress function, seconds to select) for each method at this budget that
+    is not ``done`` (a set of method names)."""
     def timed(f):
         start = time.perf_counter()
         out = f()
@@ -148,7 +149,7 @@ def method_rows(model, name, fraction, by, stats, only=None):
         return lambda: lr.compress_sequential(model, plan, train, limit=CALIBRATION, progress=False)
 
     def wanted(m):
-        return only is None or m in only
+        return (only is None or m in only) and m not in done
 
     if by == "params" and wanted("uniform"):
         plan, s = timed(lambda: lr.plan(model, "svd", fraction, **BLOCKS))
@@ -209,9 +210,27 @@ def share(plan, key):
     return sum(e[key][1] for e in plan.layers.values()) / sum(e[key][0] for e in plan.layers.values())
 
 
+_dense_correct = {}
+
+
+def paired_with_dense(small, model):
+    """(accuracy, paired difference with the dense model, its s.e., which images are right)."""
+    if id(model) not in _dense_correct:
+        predicted, truth = lr.measure.predictions(model, test)
+        _dense_correct[id(model)] = predicted == truth
+    predicted, truth = lr.measure.predictions(small, test)
+    p = lr.measure.Paired.from_correct(predicted == truth, _dense_correct[id(model)])
+    return float((predicted == truth).double().mean()), p.difference, p.se, correct_string(predicted == truth)
+
+
+def correct_string(correct) -> str:
+    """Which test images a model gets right, as a string of 0/1 (to pair any two rows later)."""
+    return "".join("1" if c else "0" for c in correct.tolist())
+
+
 def measure(model, name, method, fraction, by, plan, compress, select_s, finetune, rows, path):
     key = f"{name}|{by}|{fraction:.4f}|{method}"
-    if key in rows and (not finetune or "after" in rows[key]):
+    if key in rows and "before_correct" in rows[key] and (not finetune or "after" in rows[key]):
         return rows[key]
     if compress == "same as Σ-greedy":     # the same plan: the same model, only the time differs
         rows[key] = {**rows[f"{name}|{by}|{fraction:.4f}|Σ-greedy"], "method": method, "select_s": select_s}
@@ -227,17 +246,15 @@ def measure(model, name, method, fraction, by, plan, compress, select_s, finetun
     row = dict(net=name, by=by, budget=fraction, method=method, params=share(plan, "params"),
                macs=share(plan, "macs"), select_s=select_s, compress_s=compress_s,
                no_recalibration=float(lr.measure.accuracy(small, test)),
-               before=float(lr.measure.accuracy(recalibrated, test)),
                ranks={n: e["rank"] if e["method"] != "dense" else "dense" for n, e in plan.items()})
-    p = lr.measure.paired(recalibrated, model, test)
-    row.update(before_diff=p.difference, before_se=p.se)
+    row["before"], row["before_diff"], row["before_se"], row["before_correct"] = paired_with_dense(recalibrated,
+                                                                                                  model)
     if finetune:
         start = time.perf_counter()
         lr.train.fit(recalibrated, augmented, teacher=model, progress=False)
         row["finetune_s"] = time.perf_counter() - start
-        row["after"] = float(lr.measure.accuracy(recalibrated, test))
-        p = lr.measure.paired(recalibrated, model, test)
-        row.update(after_diff=p.difference, after_se=p.se)
+        row["after"], row["after_diff"], row["after_se"], row["after_correct"] = paired_with_dense(recalibrated,
+                                                                                                  model)
     rows[key] = row
     path.write_text(json.dumps(rows, indent=1))
     print(f"{name} {by} {fraction:.3f} {method:22s} kept {row['params']:.3f} params {row['macs']:.3f} MACs | "
@@ -248,12 +265,14 @@ def measure(model, name, method, fraction, by, plan, compress, select_s, finetun
 
 
 def run(args):
-    path = RESULTS / "rank_search.json"
+    path = RESULTS / f"rank_search_{args.net}.json"
     rows = json.loads(path.read_text()) if path.exists() else {}
     torch.set_num_threads(args.threads)
     model = getattr(lr.models, args.net)()
     dense = lr.measure.accuracy(model, test)
+    predicted, truth = lr.measure.predictions(model, test)
     rows[f"{args.net}|dense"] = dict(net=args.net, method="dense", before=float(dense),
+                                     correct=correct_string(predicted == truth),
                                      machine=lr.measure.machine(), threads=args.threads,
                                      load=os.getloadavg()[0])
     only = set(args.only.split(";")) if args.only else None
@@ -262,8 +281,15 @@ def run(args):
               [(float(b), "macs") for b in args.mac_budgets.split(",") if b]
     finetune = {float(b) for b in args.finetune.split(",") if b}
     tuned = set(args.tuned.split(";"))
+    def done(fraction, by):
+        """Methods whose rows at this budget are complete (measured, and fine-tuned if asked)."""
+        rows_here = {k.split("|")[3]: r for k, r in rows.items() if k.startswith(f"{args.net}|{by}|{fraction:.4f}|")}
+        return {m for m, r in rows_here.items() if "before_correct" in r and
+                ("after" in r or not (by == "params" and fraction in finetune and m in tuned))}
+
     for fraction, by in budgets:
-        for method, plan, compress, select_s in method_rows(model, args.net, fraction, by, stats, only):
+        for method, plan, compress, select_s in method_rows(model, args.net, fraction, by, stats, only,
+                                                            done(fraction, by)):
             measure(model, args.net, method, fraction, by, plan, compress, select_s,
                     by == "params" and fraction in finetune and method in tuned, rows, path)
     for method, plan, compress, select_s in own_size_rows(model, args.net, stats, only):
@@ -280,7 +306,7 @@ def run(args):
 
 # ------------------------------------------------------------------------------------- report
 def report():
-    rows = json.loads((RESULTS / "rank_search.json").read_text())
+    rows = {k: r for path in sorted(RESULTS.glob("rank_search_*.json")) for k, r in json.loads(path.read_text()).items()}
     pts = lambda x: f"{100 * x:.2f}"
     lines = ["# Rank selection head to head (issue 15)", "",
              "Block convs of the pretrained CIFAR-10 ResNets; every model's BatchNorm re-estimated on "

@@ -248,7 +248,8 @@ def _params_form(layer):
     """(dense parameters, coefficients of the factorized parameters in the form of :class:`_Costs`).
 
     Linear / channel SVD: r(a + b) (+ bias) for a matrix [a, b]; spatial SVD: r(S·kh + T·kw);
-    Tucker-2: S·rS + rS·rT·kh·kw + rT·T; CP: R(S + kh + kw + T), 3-way R(S + kh·kw + T). Checked against :meth:`lowrank.plans.Layer.params` in the tests.
+    Tucker-2: S·rS + rS·rT·kh·kw + rT·T; CP: R(S + kh + kw + T), 3-way R(S + kh·kw + T). Checked
+    against :meth:`lowrank.plans.Layer.params` in the tests.
     """
     m = layer.module
     bias = m.bias.numel() if getattr(m, "bias", None) is not None else 0

@@ -1,24 +1,29 @@
-"""Continuous rank search: each layer's rank a continuous variable, learned by gradient under an
+"""Continuous rank search: each layer's rank a continuous variable, learnt by gradient under an
 exact parameter or MAC budget.
 
 Every planned layer is factored ONCE at full rank so that "rank r" means "the first r
-components" (:class:`Nested`): the channel or spatial SVD (Σ-whitened with ``norm="data"``), the
-HOSVD for Tucker-2 (two ranks), or the terms of one high-rank CP sorted by weight. A continuous
-rank ρ becomes the soft mask m_k = sigmoid((ρ + ½ − k)/τ) = P(rank ≥ k) over the components, so
-the masked layer is still one layer, and a hard mask is exactly a truncated decomposition.
+components" (:class:`Nested`): the channel or spatial SVD (the Σ-weighted SVD with
+``norm="data"``), the HOSVD for Tucker-2 (two ranks), or the terms of one high-rank CP sorted by
+weight. A continuous rank ρ becomes the soft mask m_k = sigmoid((ρ + ½ − k)/τ) ≈ P(rank ≥ k) over
+the components, so the masked layer is still one layer, and a hard mask is exactly a truncated
+decomposition.
 
-:func:`search` minimises, over the ρ of all layers,
-- with ``data``: the distillation loss T²·KL(teacher ‖ student) of the masked network against
-  the dense one on the images (no labels), BatchNorm on batch statistics (re-estimated, not the
-  dense network's frozen ones);
-- without: the sum over layers of the relative reconstruction error ‖W − W(m)‖²/‖W‖² (in the
-  Σ-norm with ``norm="data"``). For orthogonal nested factors this is Σ_k (1 − m_k)² e_k, e_k the
-  share of energy of component k, a fractional knapsack under a budget: the greedy allocator
-  :class:`lowrank.ranks.budget` solves it, and the search finds the same ranks.
-After each gradient step ρ is projected onto the budget, ρ ← clip(ρ̃ − ν ∇C(ρ̃), 1, R) with ν
-found by bisection so that the continuous cost Σ_i C_i(ρ_i) equals the budget; τ is annealed.
-The ranks are then rounded and repaired with the exact costs to at most the budget and less than
-one rank step below it.
+:func:`search` minimises over the ρ of all layers
+- without data: the sum over layers of the relative reconstruction error ‖W − W(m)‖²/‖W‖² (in
+  the Σ-norm with ``norm="data"``). For orthogonal nested factors this is Σ_k (1 − m_k)² e_k,
+  e_k the share of the layer's energy in component k: under a budget, a knapsack that the
+  greedy allocator :class:`lowrank.ranks.budget` solves, and the search finds its ranks;
+- with ``data``: starting from the data-free optimum, the distillation loss T²·KL(teacher ‖
+  student) of the masked network against the dense one on the images (no labels), BatchNorm on
+  each batch's statistics (as if re-estimated, not the dense network's frozen ones).
+Each step is Adam's, and is followed by a projection onto the budget in Adam's metric,
+ρ ← clip(ρ̃ − ν P ∇C(ρ̃), 1, R) with ν such that the continuous cost Σ_i C_i(ρ_i) is the budget
+(so a fixed point is a KKT point); τ is annealed, and the last steps run the hard masks forward
+(straight-through). The continuous ranks are then rounded down, which fits, and the rest of the
+budget is spent by the greedy allocator's steps, exact costs, largest decrease of the search's
+loss per unit of cost first (measured on the hard-masked network: reconstruction errors without
+data, the distillation loss on 256 of the images with). The result costs at most the budget and
+less than one rank step below it.
 """
 import copy
 import math
@@ -32,7 +37,7 @@ from torch.func import functional_call
 from tqdm.auto import trange
 
 from . import ranks as rules
-from .decompose.cp import conv_cp
+from .decompose.cp import conv_cp, cp_reconstruct
 from .decompose.svd import channel_matrix, spatial_matrix
 from .decompose.tucker import left_singular_vectors, mode_product, unfold
 from .decompose.weighted import ridged, weighted_svd
@@ -89,16 +94,17 @@ class Nested:
             self.factors = (result.weights[order], [A[:, order] for A in result.factors])
         else:
             raise ValueError(f"{layer.name}: the search does not support method {layer.method!r}")
-        self.full = tuple(len(f) for f in self._lengths())
+        if self.method == "tucker2":
+            self.full = (self.factors[1].shape[1], self.factors[2].shape[1])
+        else:
+            self.full = (len(self.factors[0]) if self.method in ("cp", "cp3") else len(self.factors[1]),)
         self.norm2 = float(self._sigma_norm2(W))
         self.dense = W
 
-    def _lengths(self):
-        if self.method == "tucker2":
-            return [self.factors[1].T, self.factors[2].T]
-        if self.method in ("cp", "cp3"):
-            return [self.factors[0]]
-        return [self.factors[1]]
+    def hard(self, rank) -> list:
+        """The hard masks (ones for the first r components) of ``rank`` (an int, a pair for Tucker-2)."""
+        rank = rank if isinstance(rank, (tuple, list)) else (rank,)
+        return [(torch.arange(1, R + 1, device=self.dense.device) <= r).double() for r, R in zip(rank, self.full)]
 
     def _sigma_norm2(self, E):
         if self.sigma is None:
@@ -109,12 +115,11 @@ class Nested:
     def weight(self, masks) -> torch.Tensor:
         """The layer's weight [T, S, kh, kw] (or [m, n]) with component k of variable v scaled
         by ``masks[v][k]`` (float64, differentiable in the masks)."""
+        masks = [m.to(self.dense.device) for m in masks]
         if self.method == "tucker2":
             core, U_T, U_S = self.factors
             return mode_product(mode_product(core, U_T * masks[0], 0), U_S * masks[1], 1)
         if self.method in ("cp", "cp3"):
-            from .decompose.cp import cp_reconstruct
-
             weights, factors = self.factors
             return cp_reconstruct(weights * masks[0], factors).reshape(self.shape)
         A, B = self.factors
@@ -139,12 +144,6 @@ def soft_masks(rho, full, tau: float):
     return out
 
 
-def hard_masks(rank, full):
-    """Hard masks (ones for the first r components) of an int rank (or a pair for Tucker-2)."""
-    rank = rank if isinstance(rank, (tuple, list)) else (rank,)
-    return [(torch.arange(1, R + 1) <= r).double() for r, R in zip(rank, full)]
-
-
 def masked_model(model, nested: dict, ranks: dict) -> nn.Module:
     """A copy of ``model`` whose layers named in ``nested`` have the weight of their first
     ``ranks[name]`` components (a dense layer: the truncated decomposition as one weight)."""
@@ -152,7 +151,7 @@ def masked_model(model, nested: dict, ranks: dict) -> nn.Module:
     with torch.no_grad():
         for name, n in nested.items():
             weight = new.get_submodule(name).weight
-            weight.copy_(n.weight(hard_masks(ranks[name], n.full)).to(weight))
+            weight.copy_(n.weight(n.hard(ranks[name])).to(weight))
     return new
 
 
@@ -305,7 +304,7 @@ def _evaluator(model, student, nested, layers_of, data, temperature, batch_size,
     def weight(i, rank):
         key = (i, rank)
         if key not in weights:
-            weights[key] = nested[i].weight(hard_masks(rank, nested[i].full)).to(dtype)
+            weights[key] = nested[i].weight(nested[i].hard(rank)).to(dtype)
         return weights[key]
 
     def loss(r, i, rank):
@@ -313,7 +312,8 @@ def _evaluator(model, student, nested, layers_of, data, temperature, batch_size,
         ranks[i] = rank if isinstance(rank, tuple) else (rank,)
         key = tuple(ranks)
         if key not in cache:
-            w = {f"{n.name}.weight": weight(j, k if len(k) > 1 else k[0]) for j, (n, k) in enumerate(zip(nested, ranks))}
+            w = {f"{n.name}.weight": weight(j, k if len(k) > 1 else k[0])
+                 for j, (n, k) in enumerate(zip(nested, ranks))}
             total = 0.0
             with torch.no_grad():
                 for x, t in zip(xs, teachers):
@@ -361,17 +361,25 @@ def search(model, method: str = "svd", budget: float = 0.5, data=None, *, by: st
     compressed as usual. See the module docstring for the method.
 
     ``data``: images to distil on (a Dataset of (x, y) pairs — labels unused —, a DataLoader or a
-    tensor [N, ...]), or ``None`` for the data-free search. ``norm="data"`` (channel SVD only)
-    searches over the Σ-weighted SVD's nested factors: pass ``stats`` from
-    :func:`lowrank.calibrate`; Σ gets the ridge of :func:`lowrank.compress` (1e-3).
-    ``steps`` gradient steps on batches of ``batch_size``; ``lr`` the largest move of a rank per
-    step, as a fraction of its full rank (lowered to a tenth along the steps); ``tau`` the
-    temperature of the masks, annealed geometrically from ``tau[0]`` to ``tau[1]`` (in ranks);
-    ``temperature`` that of the distillation. ``seed`` seeds the shuffling: one seed, one result.
+    tensor [N, ...]; pass augmented training images, as for :func:`lowrank.recalibrate_bn`), or
+    ``None`` for the data-free search. ``norm="data"``: pass ``stats`` from
+    :func:`lowrank.calibrate`; errors are measured in the Σ-norm (Σ with the ridge of
+    :func:`lowrank.compress`, 1e-3) and the channel SVD's nested factors are the Σ-weighted SVD's,
+    so that its hard-masked network is ``compress(model, plan, stats)``.
+    The data-free search takes :data:`DATA_FREE_STEPS` steps; with data, ``steps`` more on batches
+    of ``batch_size``. ``lr``: Adam's step, in fractions of each layer's full rank (lowered to a
+    tenth along the steps); ``tau``: the temperature of the masks in ranks, annealed
+    geometrically from ``tau[0]`` to ``tau[1]``; ``straight_through``: the share of the steps
+    after which the masks are hard forward; ``temperature``: the distillation's. ``seed`` seeds the
+    shuffling and the augmentation (the caller's random state is left as it was): one seed, one
+    result. ``cp_rank``: the rank of the one CP whose terms a CP search orders (see
+    :class:`Nested`). ``progress``: a progress bar over the steps.
 
-    The model is never modified. Raises ``ValueError`` for a budget outside (0, 1], a budget below
-    rank 1 everywhere (the message of :class:`lowrank.ranks.budget`), empty data, a method the
-    search does not support, or ``norm="data"`` without ``stats``.
+    Returns a :class:`Search`: the plan, its ranks, the :class:`Trajectory` (continuous ranks and
+    loss per step) for plotting, the cost and the time. The model is never modified. Raises
+    ``ValueError`` for a budget outside (0, 1], a budget below rank 1 everywhere (the message of
+    :class:`lowrank.ranks.budget`), empty data, a method the search does not support, or
+    ``norm="data"`` without ``stats``.
     """
     if not 0 < budget <= 1:
         raise ValueError(f"budget must be in (0, 1], got {budget!r}")
@@ -409,7 +417,8 @@ def _run(model, layers, budget, data, by, norm, stats, steps, batch_size, lr, ta
     if norm == "data":
         missing = [layer.name for layer in layers if layer.name not in stats]
         if missing:
-            raise ValueError(f"stats lack the layers {missing[:3]}: calibrate with lowrank.calibrate(model, data, plan)")
+            raise ValueError(f"stats lack the layers {missing[:3]}: calibrate with "
+                             f"lowrank.calibrate(model, data, plan)")
     nested = [Nested(layer, None if norm != "data" else ridged(stats[layer.name].sigma), cp_rank)
               for layer in layers]
     full, layers_of = [], []
@@ -428,7 +437,7 @@ def _run(model, layers, budget, data, by, norm, stats, steps, batch_size, lr, ta
     # start: every rank lowered from full by ν ∂C/∂u onto the budget, then the data-free optimum
     u = descend(cost.project(torch.ones_like(cost.R), target), reconstruction, DATA_FREE_STEPS)
     if data is None:
-        error = lambda i, rank: float(nested[i].error(hard_masks(rank, nested[i].full)))
+        error = lambda i, rank: float(nested[i].error(nested[i].hard(rank)))
         gain = lambda i, old, new, r: error(i, old) - error(i, new)
     else:
         batches = _cycle(_loader(data, batch_size, torch.Generator().manual_seed(seed)))
