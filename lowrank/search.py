@@ -249,15 +249,21 @@ class _Budget:
         return at(hi)
 
 
+#: rank steps below the rounded-down continuous ranks from which the discretisation's greedy
+#: steps start (so that a search not quite converged does not fix a step the greedy would not take)
+SLACK = 1
+
+
 def _discretise(rho, full, layers_of, costs, target, gain):
-    """Integer ranks from the continuous ones: every rank rounded down (which fits the budget,
-    as the continuous ranks meet it), then the greedy allocator's steps with exact costs: take the
-    rank step with the largest ``gain(layer, old rank, new rank, ranks)`` per unit of cost while
-    it fits, a step to a rank that saves nothing making the layer dense (full rank). The result
-    costs at most ``target`` and less than one rank step below it, unless no step gains anything."""
+    """Integer ranks from the continuous ones: every rank rounded down and lowered by
+    :data:`SLACK` (which fits the budget, as the continuous ranks meet it), then the greedy
+    allocator's steps with exact costs: take the rank step with the largest ``gain(layer, old
+    rank, new rank, ranks)`` per unit of cost while it fits, a step to a rank that saves nothing
+    making the layer dense (full rank). The result costs at most ``target`` and less than one rank
+    step below it, unless no step gains anything."""
     import heapq
 
-    r = [min(max(int(math.floor(x + 1e-9)), 1), R) for x, R in zip(rho, full)]
+    r = [min(max(int(math.floor(x + 1e-9)) - SLACK, 1), R) for x, R in zip(rho, full)]
     rank = lambda i: _layer_rank(costs[i], [r[v] for v in layers_of[i]])
     total = sum(c(rank(i)) for i, c in enumerate(costs))
     heap = []
