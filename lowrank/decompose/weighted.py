@@ -44,8 +44,8 @@ W̃ = U_T C Kᵀ with C = G_(T) [rT, rS·k] (k = kh·kw) and K = U_S ⊗ I_k [d,
       H(X)[s,j] = Σ_{p,u,q,l} Σ[(s,p),(u,q)] X[u,l] N[(j,p),(l,q)],   N = G_(T)ᵀ G_(T),
       g = Σ_t ((Z − Ẑ) Σ)_t G_tᵀ [S, rS]   (the residual's gradient, Ẑ = G ×₂ U_S),
 
-  S·rS unknowns (65,536 for a 512-channel layer at half rank: too many for the dense normal
-  equations, 34 GB). Σ couples input channels with kernel positions, so there is no SVD
+  S·rS unknowns (131,072 for a 512-channel layer at half rank: too many for the dense normal
+  equations, 137 GB). Σ couples input channels with kernel positions, so there is no SVD
   shortcut; instead :data:`CG_STEPS` steps of conjugate gradients, matrix-free: H(X) costs one
   product (X ⊗ I_k)ᵀ Σ [rS·k, d] and one with N. Preconditioner: Σ ≈ A ⊗ P, its nearest
   Kronecker product (Van Loan & Pitsianis 1993; A [S, S], P [k, k]), makes H ≈ X ↦ A X Bᵀ with
