@@ -259,8 +259,9 @@ def _discretise(rho, full, layers_of, costs, target, gain):
     :data:`SLACK` (which fits the budget, as the continuous ranks meet it), then the greedy
     allocator's steps with exact costs: take the rank step with the largest ``gain(layer, old
     rank, new rank, ranks)`` per unit of cost while it fits, a step to a rank that saves nothing
-    making the layer dense (full rank). The result costs at most ``target`` and less than one rank
-    step below it, unless no step gains anything."""
+    making the layer dense (full rank). Steps that gain nothing (a measured loss is noisy) come
+    last, the least harmful first, so that the result costs at most ``target`` and less than one
+    rank step below it."""
     import heapq
 
     r = [min(max(int(math.floor(x + 1e-9)) - SLACK, 1), R) for x, R in zip(rho, full)]
@@ -279,13 +280,12 @@ def _discretise(rho, full, layers_of, costs, target, gain):
             new = rank(i) if c.saves(rank(i)) else _layer_rank(c, [full[w] for w in layers_of[i]])
             r[v] -= 1
             g, step = gain(i, old, new, r), c(new) - c(old)
-            if g > 0:
-                heapq.heappush(heap, (-g / max(step, 1e-12), v, i, old, new, step))
+            heapq.heappush(heap, (g <= 0, -g / max(step, 1e-12), v, i, old, new, step))
 
     for i in range(len(costs)):
         push(i)
     while heap:
-        _, v, i, old, new, step = heapq.heappop(heap)
+        _, _, v, i, old, new, step = heapq.heappop(heap)
         if rank(i) != old or total + step > target:
             continue   # stale (the layer moved since), or does not fit: smaller steps may
         total += step
