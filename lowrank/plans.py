@@ -373,7 +373,8 @@ class Plan:
         for e in self.layers.values():
             if e["method"] == "dense":
                 kind = "no saving" if e["note"].startswith("rank") else (
-                    "no rank given" if e["note"] == "no rank given" else "by hand")
+                    "no rank given" if e["note"] == "no rank given" else
+                    "by the rank rule" if e["note"].startswith("kept dense by the rank rule") else "by hand")
                 kinds[kind] = kinds.get(kind, 0) + 1
         for s in (self.skipped or {}).values():
             kinds[s["kind"]] = kinds.get(s["kind"], 0) + 1
@@ -520,7 +521,7 @@ def plan(model, method: str = "svd", ranks=0.5, include=None, exclude=None, inpu
         if chosen.get(layer.name) is None:
             e = _entry(layer, 1)
             e.update(method="dense", rank=None, params=[e["params"][0]] * 2, macs=[e["macs"][0]] * 2,
-                     note="no rank given")
+                     note=getattr(ranks, "notes", {}).get(layer.name, "no rank given"))
         else:
             e = _entry(layer, chosen[layer.name])
         entries[layer.name] = e
