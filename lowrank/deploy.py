@@ -338,35 +338,37 @@ class LayerTimes:
 
     def measure(self, modules: list, input_size, min_run_time: float | None = None, again: bool = False) -> list:
         """Seconds of each module (in eval mode, on a batch of ``batch_size`` inputs of
-        ``input_size``): cached ones looked up (``again=True``: none), the others measured
-        together, interleaved (``min_run_time`` per timing, default the table's)."""
-        keys = [_key(m, input_size) for m in modules]
+        ``input_size``, or of the sizes in a list of one per module): cached ones looked up
+        (``again=True``: none), the others measured together, interleaved (``min_run_time`` per
+        timing, default the table's)."""
+        sizes = input_size if isinstance(input_size, list) else [input_size] * len(modules)
+        keys = [_key(m, size) for m, size in zip(modules, sizes)]
         todo = {}
-        for k, m in zip(keys, modules):
+        for k, m, size in zip(keys, modules, sizes):
             if k not in todo and (again or k not in self.seconds or (self.refresh and k not in self._fresh)):
-                todo[k] = m
+                todo[k] = (m, tuple(size))
         if todo:
-            self._time(todo, input_size, min_run_time or self.min_run_time)
+            self._time(todo, min_run_time or self.min_run_time)
         return [self.seconds[k] for k in keys]
 
-    def _time(self, todo: dict, input_size, min_run_time: float):
+    def _time(self, todo: dict, min_run_time: float):
         fmt = torch.channels_last if self.layout == "channels_last" else torch.contiguous_format
-        x = torch.randn(self.batch_size, *input_size, generator=torch.Generator().manual_seed(0))
-        if x.dim() == 4:
-            x = x.contiguous(memory_format=fmt)
-        copies = {}
-        for k, m in todo.items():
+        runs = {}
+        for k, (m, size) in todo.items():
+            x = torch.randn(self.batch_size, *size, generator=torch.Generator().manual_seed(0))
             m = copy.deepcopy(m).float().eval()
-            copies[k] = m.to(memory_format=fmt) if x.dim() == 4 else m
+            if x.dim() == 4:
+                x, m = x.contiguous(memory_format=fmt), m.to(memory_format=fmt)
+            runs[k] = (m, x)
         timer = measure._timer(self.clock, self.threads, torch.device("cpu"))
         times = {k: [] for k in todo}
         with torch.no_grad():
-            for m in copies.values():
+            for m, x in runs.values():
                 m(x)   # warm-up
             for _ in range(self.rounds):
-                for k, m in copies.items():
+                for k, (m, x) in runs.items():
                     t = measure.benchmark.Timer("m(x)", globals={"m": m, "x": x}, num_threads=self.threads,
-                                              timer=timer).blocked_autorange(min_run_time=min_run_time)
+                                                timer=timer).blocked_autorange(min_run_time=min_run_time)
                     times[k].append(t.median)
         for k, ts in times.items():
             self.seconds[k] = sorted(ts)[len(ts) // 2]
