@@ -338,10 +338,11 @@ class LayerTimes:
 
     def measure(self, modules: list, input_size, min_run_time: float | None = None, again: bool = False) -> list:
         """Seconds of each module (in eval mode, on a batch of ``batch_size`` inputs of
-        ``input_size``, or of the sizes in a list of one per module): cached ones looked up
+        ``input_size``, or of the sizes in a list of one size per module): cached ones looked up
         (``again=True``: none), the others measured together, interleaved (``min_run_time`` per
         timing, default the table's)."""
-        sizes = input_size if isinstance(input_size, list) else [input_size] * len(modules)
+        one = not (isinstance(input_size, list) and input_size and isinstance(input_size[0], (list, tuple)))
+        sizes = [input_size] * len(modules) if one else input_size
         keys = [_key(m, size) for m, size in zip(modules, sizes)]
         todo = {}
         for k, m, size in zip(keys, modules, sizes):

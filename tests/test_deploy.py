@@ -193,6 +193,8 @@ def test_layer_times_are_cached_per_machine_in_the_user_cache(tmp_path, monkeypa
     times = deploy.LayerTimes(batch_size=2, rounds=1, min_run_time=0.001)
     first = times.measure([conv, nn.Conv2d(4, 4, 3, padding=1)], (4, 6, 6))
     assert first[0] == first[1] > 0      # the same shape is timed once
+    small, large = times.measure([conv, conv], [(4, 3, 3), (4, 12, 12)])   # one size per module
+    assert small < large and times.measure([conv], [4, 6, 6]) == first[:1]
     assert times.path.parent == tmp_path / "cache" / "latency"
     stored = json.loads(times.path.read_text())
     assert stored["machine"] == lr.measure.machine() and times.conditions in stored
