@@ -31,10 +31,10 @@ import torch
 from torch import nn
 
 from . import measure
-from .batchnorm import _conv_bn_pairs, fold_bn
+from .batchnorm import _conv_bn_pairs, _set, fold_bn
 from .plans import FACTORIZED, Layer, Plan, build, check_model
-from .surgery import structure
 from .storage import cache_root
+from .surgery import structure
 
 __all__ = ["fold_bn", "merge", "forms", "describe", "channels_last", "optimize", "retain_memory", "export_onnx",
            "OnnxModel", "LayerTimes", "LatencyTable", "latency_table", "RANKS"]
@@ -169,11 +169,6 @@ def _inputs(model, input_size) -> dict:
         for h in hooks:
             h.remove()
     return sizes
-
-
-def _set(model, name, module):
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def merge(model: nn.Module, times: "LayerTimes | None" = None, input_size=(3, 32, 32)) -> nn.Module:
