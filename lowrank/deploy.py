@@ -214,26 +214,27 @@ def optimize(model: nn.Module, times: "LayerTimes | None" = None, input_size=(3,
     return channels_last(new).eval() if layout == "channels_last" else new
 
 
-def retain_memory(trim_threshold: int = 1 << 30, mmap_threshold: int = 32 << 20) -> bool:
-    """Ask glibc's allocator to keep freed memory in the process (``mallopt``): for THIS process,
-    from now on, free memory is returned to the system only beyond ``trim_threshold`` bytes, and
-    blocks below ``mmap_threshold`` bytes (32 MiB, glibc's largest) come from the heap.
+def retain_memory(keep: bool = True) -> bool:
+    """Ask glibc's allocator (``mallopt``) to keep freed memory in THIS process, from now on:
+    freed memory goes back to the system only beyond 1 GiB, and blocks below 32 MiB (glibc's
+    largest setting) come from the heap. ``keep=False`` sets glibc's start-up values instead
+    (128 KiB for both: every larger block comes from, and goes back to, the system), which glibc
+    otherwise raises as a process runs, by an amount that depends on what it has freed.
 
-    By default glibc hands large freed blocks back to the system, so the next activation of the
-    same size lands on fresh pages whose first touch costs a page fault each: on a CPU the network
-    then spends a good part of its time zeroing pages, whatever its MACs. Allocators that keep
-    their memory (jemalloc, TCMalloc, which PyTorch's CPU tuning guide recommends) avoid it too.
-    Returns ``True`` where it took effect (Linux with glibc), ``False`` elsewhere.
+    With memory given back, the next activation of the same size lands on fresh pages, whose
+    first touch costs a page fault each: on a CPU the network then spends part of its time in the
+    kernel zeroing pages, whatever its MACs. Allocators that keep their memory (jemalloc,
+    TCMalloc, which PyTorch's CPU tuning guide recommends) avoid it too. Returns ``True`` where
+    it took effect (Linux with glibc), ``False`` elsewhere.
     """
     import ctypes
     import ctypes.util
 
-    name = ctypes.util.find_library("c")
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    trim, mmap = (1 << 30, 32 << 20) if keep else (128 << 10, 128 << 10)
     try:
-        libc = ctypes.CDLL(name)
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        return bool(libc.mallopt(M_TRIM_THRESHOLD, int(trim_threshold))
-                    and libc.mallopt(M_MMAP_THRESHOLD, int(mmap_threshold)))
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        return bool(libc.mallopt(M_TRIM_THRESHOLD, trim) and libc.mallopt(M_MMAP_THRESHOLD, mmap))
     except (OSError, AttributeError, TypeError):
         return False
 

@@ -226,6 +226,17 @@ def test_latency_table_of_a_small_model(tmp_path, monkeypatch):
     assert table.predict(plan) > 0
 
 
+def test_retain_memory_takes_effect_with_glibc():
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    try:
+        assert deploy.retain_memory(False) is True and deploy.retain_memory() is True
+    finally:
+        deploy.retain_memory()
+
+
 def test_latencies_are_measured_side_by_side():
     models = {"a": nn.Linear(8, 8), "b": nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))}
     result = lr.measure.latencies(models, 4, (8,), threads=1, rounds=3, min_run_time=0.01, clock="cpu")
