@@ -32,7 +32,7 @@ from torch import nn
 
 from . import measure
 from .batchnorm import _conv_bn_pairs, _set, fold_bn
-from .plans import FACTORIZED, Layer, Plan, build, check_model
+from .plans import FACTORIZED, Layer, Plan, _probe, build, check_model
 from .storage import cache_root
 from .surgery import structure
 
@@ -150,27 +150,6 @@ def describe(module: nn.Module) -> str:
     return " · ".join(parts)
 
 
-def _inputs(model, input_size) -> dict:
-    """Input shape (without batch) of every factorized layer of ``model`` on one input."""
-    sizes, hooks = {}, []
-
-    def record(name):
-        def hook(module, args):
-            sizes.setdefault(name, tuple(args[0].shape[1:]))
-        return hook
-
-    for name, m in model.named_modules():
-        if isinstance(m, FACTORIZED):
-            hooks.append(m.register_forward_pre_hook(record(name)))
-    try:
-        with measure._eval(model), torch.no_grad():
-            model(measure.zeros(model, input_size))
-    finally:
-        for h in hooks:
-            h.remove()
-    return sizes
-
-
 def merge(model: nn.Module, times: "LayerTimes | None" = None, input_size=(3, 32, 32)) -> nn.Module:
     """A NEW model in which every factorized layer takes the cheapest of its :func:`forms`: the
     fewest MACs (ties: the fewest layers), or with ``times`` the least time measured on this
@@ -178,7 +157,7 @@ def merge(model: nn.Module, times: "LayerTimes | None" = None, input_size=(3, 32
     whose own form is cheapest stays as it is. Returns the new model in eval mode."""
     check_model(model)
     new = copy.deepcopy(model).eval()
-    sizes = _inputs(new, input_size)
+    sizes = _probe(new, input_size, FACTORIZED)[0]   # the input of each factorized layer
     for name, size in sizes.items():
         options = forms(new.get_submodule(name))
         if times is None:

@@ -420,9 +420,10 @@ def _entry(layer: Layer, rank) -> dict:
     return e
 
 
-def _probe(model, input_size):
-    """``({name: input shape without batch}, {name: calls})`` of every :data:`CANDIDATES` module
-    on one input of ``input_size`` (in the model's dtype, on its device)."""
+def _probe(model, input_size, kinds=CANDIDATES):
+    """``({name: input shape without batch}, {name: calls})`` of every module of ``kinds``
+    (default :data:`CANDIDATES`) on one input of ``input_size`` (in the model's dtype, on its
+    device)."""
     sizes, calls, hooks = {}, {}, []
 
     def record(name):
@@ -434,7 +435,7 @@ def _probe(model, input_size):
         return hook
 
     for name, m in model.named_modules():
-        if isinstance(m, CANDIDATES):
+        if isinstance(m, kinds):
             hooks.append(m.register_forward_hook(record(name), with_kwargs=True))
     try:
         with measure._eval(model), torch.no_grad():
