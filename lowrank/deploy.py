@@ -409,6 +409,30 @@ class LatencyTable:
             return self.layers[name]["ranks"][rank]
         return ranks[rank]
 
+    def calibrate(self, model: nn.Module, plan: Plan, input_size=(3, 32, 32)) -> "LatencyTable":
+        """Measure with ``times``, side by side, the whole ``model`` after :func:`optimize`, dense
+        and compressed by ``plan`` (random weights: time does not depend on them); set ``network``
+        to the first, and ``scale`` so that :meth:`predict` gives the second for ``plan`` (1 if
+        the plan changes nothing). Calibrating on the plan a budget gave, then allocating again,
+        meets the budget more closely. Returns the table."""
+        if self.times is None:
+            raise ValueError("a table written by hand has no LayerTimes to measure with: set table.times")
+        dense = optimize(model, input_size=input_size, layout=self.times.layout)
+        if not plan.compressed():
+            self.network, self.scale = self.times.measure([dense], input_size, 4 * self.times.min_run_time,
+                                                          again=True)[0], 1.0
+            return self
+        small = structure(model, plan)
+        for m in small.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.reset_parameters()
+        small = optimize(small, self.times, input_size, self.times.layout)
+        self.network, measured = self.times.measure([dense, small], input_size, 4 * self.times.min_run_time,
+                                                    again=True)
+        changed = sum(self.seconds(n, plan[n]) - self.layers[n]["dense"] for n in plan.compressed())
+        self.scale = (measured - self.network) / changed if changed < 0 else 1.0
+        return self
+
     def predict(self, plan: Plan) -> float:
         """Predicted seconds of the model compressed by ``plan``, every layer in its fastest form."""
         return self.network + self.scale * sum(self.seconds(n, plan[n]) - self.options(n, plan[n]["method"])[0]
@@ -453,10 +477,10 @@ def latency_table(model: nn.Module, plan: Plan, times: LayerTimes, fractions=RAN
     factorized by ``method`` (default: the method of the plan's factorized convs) at the candidate
     ranks (``fractions`` of each layer's full rank, both modes of Tucker-2 alike; ranks that would
     save no parameters left out), each in its fastest exact form (:func:`forms`), all as after
-    :func:`optimize` (with a bias: BatchNorm folded). Then the whole ``model`` after
-    :func:`optimize`, dense and compressed by ``plan`` (random weights), side by side: the first is
-    the table's ``network``, and the two together set its ``scale`` (how much of the layers' own
-    saving the whole network shows). Returns a :class:`LatencyTable`."""
+    :func:`optimize` (with a bias: BatchNorm folded). Then :meth:`LatencyTable.calibrate` on
+    ``plan``: the whole ``model``, dense and compressed by ``plan``, measured side by side, set the
+    table's ``network`` and ``scale`` (how much of the layers' own saving the network shows).
+    Returns the :class:`LatencyTable`."""
     plan.check(model)
     if method is None:
         methods = {e["method"] for e in plan.layers.values() if e["type"] == "Conv2d" and e["method"] != "dense"}
@@ -471,19 +495,5 @@ def latency_table(model: nn.Module, plan: Plan, times: LayerTimes, fractions=RAN
         dense = times.measure([_deployed(e)], e["input"])[0]
         ranks = {r: _fastest(times, e, r) for r in _candidates(layer, fractions)}
         layers[name] = {"method": layer.method, "dense": dense, "ranks": ranks}
-    dense = optimize(model, input_size=input_size, layout=times.layout)
-    layers_dense = sum(row["dense"] for row in layers.values())
     table = LatencyTable(layers, 0.0, 1.0, times.conditions, times)
-    if not plan.compressed():
-        table.network = times.measure([dense], input_size, 4 * times.min_run_time, again=True)[0]
-        return table
-    small = structure(model, plan)
-    for m in small.modules():   # random weights: time does not depend on them
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            m.reset_parameters()
-    small = optimize(small, times, input_size, times.layout)
-    table.network, measured = times.measure([dense, small], input_size, 4 * times.min_run_time, again=True)
-    changed = sum(table.seconds(n, {**plan[n], "method": method if plan[n]["type"] == "Conv2d" else "svd"})
-                  - layers[n]["dense"] for n in plan.compressed())
-    table.scale = (measured - table.network) / changed if changed < 0 else 1.0
-    return table
+    return table.calibrate(model, plan, input_size)

@@ -224,6 +224,10 @@ def test_latency_table_of_a_small_model(tmp_path, monkeypatch):
     assert (2, 2) in row["ranks"] and all(lr.plans.Layer("3", model[3], "tucker2", (16, 8, 8)).params(r) < 16 * 16 * 9
                                           for r in row["ranks"])
     assert table.predict(plan) > 0
+    dense_key = deploy._key(deploy.optimize(model, input_size=(3, 8, 8)), (3, 8, 8))
+    assert table.network == times.seconds[dense_key]        # the dense network, as measured
+    with pytest.raises(ValueError, match="no LayerTimes"):
+        deploy.LatencyTable(table.layers, table.network).calibrate(model, plan, (3, 8, 8))
 
 
 def test_retain_memory_takes_effect_with_glibc():
