@@ -5,7 +5,7 @@
     plan = lr.plan(model, method="tucker2", ranks=0.5)
     small = lr.compress(model, plan)          # a new model; `model` is untouched
 """
-from . import batchnorm, data, decompose, layers, measure, models, ranks, storage, train
+from . import batchnorm, data, decompose, deploy, layers, measure, models, ranks, storage, train
 from .batchnorm import fold_bn, recalibrate_bn
 from .plans import Plan, plan
 from .search import search

@@ -5,7 +5,8 @@ import logging
 import math
 import os
 import platform
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -84,38 +85,80 @@ def machine() -> str:
     return f"{name}, {os.cpu_count()} cores"
 
 
+CLOCKS = ("wall", "cpu")
+
+
 @dataclass(frozen=True)
 class Latency:
     """Median wall time of one forward pass of a batch, with its spread (interquartile range of
-    the timed blocks) and the conditions it was measured in."""
+    the timed blocks) and the conditions it was measured in. ``clock="cpu"``: the CPU time of the
+    one thread that ran it instead (what a busy machine does not inflate, see :func:`latency`)."""
     seconds: float
     batch_size: int
     threads: int
     device: str
     iqr: float = float("nan")
+    clock: str = "wall"
 
     def __str__(self):
+        clock = ", thread CPU time" if self.clock == "cpu" else ""
         return (f"{self.seconds * 1e3:.2f} ms ± {self.iqr * 1e3 / 2:.2f} (half IQR; batch {self.batch_size}, "
-                f"{self.threads} thread{'s' * (self.threads > 1)}, {self.device}: {machine()})")
+                f"{self.threads} thread{'s' * (self.threads > 1)}{clock}, {self.device}: {machine()})")
+
+
+def _timer(clock: str, threads: int, device):
+    """The clock ``torch.utils.benchmark`` reads: wall time, or the calling thread's CPU time."""
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
+    if clock == "wall":
+        return time.perf_counter
+    if threads != 1 or device.type != "cpu":
+        raise ValueError(f"clock='cpu' times the one thread that runs the model, so it needs threads=1 on the "
+                         f"CPU (got {threads} threads on {device}): use clock='wall'")
+    return time.thread_time
 
 
 def latency(model, batch_size: int = 1, input_size=(3, 32, 32), threads: int | None = None,
-            min_run_time: float = 0.5, warmup: int = 3) -> Latency:
+            min_run_time: float = 0.5, warmup: int = 3, clock: str = "wall") -> Latency:
     """Median forward time of ``model`` on a batch of zeros, via ``torch.utils.benchmark``.
 
     ``warmup`` untimed calls first, then ``Timer.blocked_autorange`` repeats for at least
-    ``min_run_time`` seconds. ``threads`` defaults to ``torch.get_num_threads()``. Returns a
-    :class:`Latency` (median and interquartile range over the timed blocks).
+    ``min_run_time`` seconds. ``threads`` defaults to ``torch.get_num_threads()``. ``clock``:
+    ``"wall"`` (elapsed time), or ``"cpu"``, the CPU time of the calling thread (``threads=1`` on
+    the CPU only): on a machine shared with other programs it leaves out the time spent waiting
+    for a core, and on a quiet machine it equals the wall time. Returns a :class:`Latency`
+    (median and interquartile range over the timed blocks).
     """
     threads = threads or torch.get_num_threads()
     device = _device(model)
+    timer = _timer(clock, threads, device)
     x = zeros(model, input_size, batch_size)
     with _eval(model), torch.no_grad():
         for _ in range(warmup):
             model(x)
-        timer = benchmark.Timer("model(x)", globals={"model": model, "x": x}, num_threads=threads)
-        measured = timer.blocked_autorange(min_run_time=min_run_time)
-    return Latency(measured.median, batch_size, threads, str(device), measured.iqr)
+        measured = benchmark.Timer("model(x)", globals={"model": model, "x": x}, num_threads=threads,
+                                   timer=timer).blocked_autorange(min_run_time=min_run_time)
+    return Latency(measured.median, batch_size, threads, str(device), measured.iqr, clock)
+
+
+def latencies(models: dict, batch_size: int = 1, input_size=(3, 32, 32), threads: int | None = None,
+              rounds: int = 5, min_run_time: float = 0.2, clock: str = "wall") -> dict:
+    """Latencies of several models measured side by side: ``rounds`` rounds, each timing every
+    model once in turn (:func:`latency`, ``min_run_time`` each), so that a change of machine load
+    hits all of them alike. Returns ``{name: Latency}`` with the median over the rounds of each
+    round's median, and the interquartile range over the rounds as its spread."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds!r}")
+    times = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            times[name].append(latency(model, batch_size, input_size, threads, min_run_time, 1, clock))
+    result = {}
+    for name, measured in times.items():
+        q = torch.tensor([m.seconds for m in measured], dtype=torch.float64).quantile(
+            torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
+        result[name] = replace(measured[0], seconds=q[1], iqr=q[2] - q[0])
+    return result
 
 
 class Accuracy(float):

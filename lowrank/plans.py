@@ -373,7 +373,8 @@ class Plan:
         for e in self.layers.values():
             if e["method"] == "dense":
                 kind = "no saving" if e["note"].startswith("rank") else (
-                    "no rank given" if e["note"] == "no rank given" else "by hand")
+                    "no rank given" if e["note"] == "no rank given" else
+                    "by the rank rule" if e["note"].startswith("kept dense by the rank rule") else "by hand")
                 kinds[kind] = kinds.get(kind, 0) + 1
         for s in (self.skipped or {}).values():
             kinds[s["kind"]] = kinds.get(s["kind"], 0) + 1
@@ -419,9 +420,10 @@ def _entry(layer: Layer, rank) -> dict:
     return e
 
 
-def _probe(model, input_size):
-    """``({name: input shape without batch}, {name: calls})`` of every :data:`CANDIDATES` module
-    on one input of ``input_size`` (in the model's dtype, on its device)."""
+def _probe(model, input_size, kinds=CANDIDATES):
+    """``({name: input shape without batch}, {name: calls})`` of every module of ``kinds``
+    (default :data:`CANDIDATES`) on one input of ``input_size`` (in the model's dtype, on its
+    device)."""
     sizes, calls, hooks = {}, {}, []
 
     def record(name):
@@ -433,7 +435,7 @@ def _probe(model, input_size):
         return hook
 
     for name, m in model.named_modules():
-        if isinstance(m, CANDIDATES):
+        if isinstance(m, kinds):
             hooks.append(m.register_forward_hook(record(name), with_kwargs=True))
     try:
         with measure._eval(model), torch.no_grad():
@@ -520,7 +522,7 @@ def plan(model, method: str = "svd", ranks=0.5, include=None, exclude=None, inpu
         if chosen.get(layer.name) is None:
             e = _entry(layer, 1)
             e.update(method="dense", rank=None, params=[e["params"][0]] * 2, macs=[e["macs"][0]] * 2,
-                     note="no rank given")
+                     note=getattr(ranks, "notes", {}).get(layer.name, "no rank given"))
         else:
             e = _entry(layer, chosen[layer.name])
         entries[layer.name] = e

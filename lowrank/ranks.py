@@ -303,20 +303,41 @@ class budget:
 
     Raises ``ValueError`` when even rank 1 everywhere exceeds the budget (the message says the
     smallest possible fraction).
+
+    ``by="latency"``: the budget is ``fraction`` of the whole dense model's time measured on this
+    machine, and ``table`` (:func:`lowrank.deploy.latency_table`) holds the measured seconds of each
+    layer, dense and at its candidate ranks. The predicted time of the model is the table's
+    dense network time plus (scaled by ``table.scale``) what the chosen ranks change in the layers'
+    times.
+    Each layer chooses one of its options (dense, score 1, or a measured rank) — a multiple-choice
+    knapsack — greedily: every layer starts at its fastest option, then the step with the largest
+    score gained per measured second is taken while it fits, along each layer's efficient options
+    (the upper convex hull of score against time: an option slower than another with no more score
+    is never taken, so a layer whose factorized forms are slower than dense at every rank stays
+    dense), and the time left is filled by the best single changes that fit. Layers kept dense get
+    rank ``None`` and a note in ``self.notes``; ``self.predicted`` is the predicted time.
     """
 
     def __init__(self, fraction: float, by: str = "params", score: str = "energy", method: str = "greedy",
-                 stats=None):
+                 stats=None, table=None):
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
-        if by not in ("params", "macs"):
-            raise ValueError(f"by must be 'params' or 'macs', got {by!r}")
+        if by not in ("params", "macs", "latency"):
+            raise ValueError(f"by must be 'params', 'macs' or 'latency', got {by!r}")
         if score not in ("energy", "entropy"):
             raise ValueError(f"score must be 'energy' or 'entropy', got {score!r}")
         if method not in ("greedy", "bisect"):
             raise ValueError(f"method must be 'greedy' or 'bisect', got {method!r}")
-        self.fraction, self.by, self.score, self.method = float(fraction), by, score, method
+        if by == "latency" and table is None:
+            raise ValueError("by='latency' needs the layers' measured times: table=lowrank.deploy.latency_table("
+                             "model, plan, lowrank.deploy.LayerTimes(...))")
+        if by == "latency" and method != "greedy":
+            raise ValueError("by='latency' allocates greedily: method='greedy'")
+        if by != "latency" and table is not None:
+            raise ValueError("a latency table is only used with by='latency'")
+        self.fraction, self.by, self.score, self.method, self.table = float(fraction), by, score, method, table
         self.stats = stats
+        self.notes, self.predicted = {}, None
 
     def __repr__(self):
         data = ", stats=…" if self.stats is not None else ""
@@ -341,6 +362,8 @@ class budget:
             if layer.full_rank() is None:
                 raise ValueError(f"{layer.name}: method {layer.method!r} has no spectrum to allocate ranks by")
         gains = [[_gains(_singular_values(M), self.score) for M in self._matrices(layer)] for layer in layers]
+        if self.by == "latency":
+            return self._latency(layers, gains)
         costs = [_Costs(layer, self.by) for layer in layers]
         target = self.fraction * sum(c.dense for c in costs)
         start = [(1, 1) if c.tucker else 1 for c in costs]
@@ -390,6 +413,63 @@ class budget:
             push(i)
         return ranks
 
+    def _latency(self, layers, gains) -> dict:
+        """The ``by="latency"`` allocation (see the class docstring)."""
+        import heapq
+
+        table, options, dense_total = self.table, [], 0.0
+        for layer, g in zip(layers, gains):
+            dense, ranks = table.options(layer.name, layer.method)
+            dense_total += dense
+            score = lambda r: sum(sum(gm[:k]) for gm, k in zip(g, r if isinstance(r, tuple) else (r,))) - len(g) + 1
+            options.append([(dense, 1.0, None)] + [(s, score(r), r) for r, s in ranks.items()])
+        # predicted time: network + scale·(spent − dense_total) ≤ fraction·network
+        predict = lambda spent: table.network + table.scale * (spent - dense_total)
+        target = dense_total - (1 - self.fraction) * table.network / table.scale
+        hulls = [_hull(o) for o in options]
+        spent = sum(h[0][0] for h in hulls)
+        if spent > target:
+            raise ValueError(f"a latency budget of {self.fraction:.4g} is below the minimum: the fastest option of "
+                             f"every layer gives {predict(spent) / table.network:.4f} of the dense time")
+        at = [0] * len(layers)
+        heap = []
+
+        def push(i):
+            h = hulls[i]
+            if at[i] + 1 < len(h):
+                (s0, v0, _), (s1, v1, _) = h[at[i]], h[at[i] + 1]
+                heapq.heappush(heap, (-(v1 - v0) / (s1 - s0), i, at[i]))
+
+        for i in range(len(layers)):
+            push(i)
+        while heap:
+            _, i, j = heapq.heappop(heap)
+            step = hulls[i][j + 1][0] - hulls[i][j][0]
+            if spent + step <= target:
+                spent += step
+                at[i] = j + 1
+                push(i)
+        chosen = [h[k] for h, k in zip(hulls, at)]
+        while True:   # fill the time left with the best single change that fits
+            best = None
+            for i, o in enumerate(options):
+                for option in o:
+                    gain, extra = option[1] - chosen[i][1], option[0] - chosen[i][0]
+                    if gain > 1e-12 and spent + extra <= target and (best is None or gain > best[0]):
+                        best = (gain, i, option, extra)
+            if best is None:
+                break
+            _, i, option, extra = best
+            chosen[i], spent = option, spent + extra
+        self.predicted, self.notes = predict(spent), {}
+        for layer, option, o in zip(layers, chosen, options):
+            if option[2] is None:
+                fastest = min(s for s, _, r in o if r is not None) if len(o) > 1 else float("inf")
+                why = (f"slower factorized at every measured rank (fastest {fastest * 1e3:.3g} ms, dense "
+                       f"{option[0] * 1e3:.3g} ms)" if fastest >= option[0] else "the latency budget allows it")
+                self.notes[layer.name] = f"kept dense by the rank rule: {why}"
+        return {layer.name: option[2] for layer, option in zip(layers, chosen)}
+
     def _bisect(self, layers, gains, costs, start, target):
         def ranks_at(tau):
             rs = []
@@ -406,6 +486,24 @@ class budget:
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if spend(ranks_at(mid)) <= target else (lo, mid)
         return ranks_at(lo) if lo > 0 else list(start)
+
+
+def _hull(options: list) -> list:
+    """The efficient options of one layer, as (seconds, score, rank) by increasing time: the
+    upper convex hull of score against time, from the fastest option on (an option is dropped if
+    another is no slower and scores at least as much, or if it lies under a line between two)."""
+    front = []
+    for o in sorted(options, key=lambda o: (o[0], -o[1])):
+        if front and o[1] <= front[-1][1]:
+            continue   # slower, and no better
+        while len(front) >= 2:
+            (s0, v0, _), (s1, v1, _) = front[-2], front[-1]
+            if (v1 - v0) * (o[0] - s1) <= (o[1] - v1) * (s1 - s0):
+                front.pop()   # front[-1] lies under the line from front[-2] to o
+            else:
+                break
+        front.append(o)
+    return front
 
 
 def _first_reaching(shares: list, tau: float) -> int:
