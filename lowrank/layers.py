@@ -25,10 +25,11 @@ def conv_config(conv: nn.Conv2d) -> dict:
     Raises ``ValueError`` for what the factorizations do not support: ``groups > 1``, and
     ``padding="same"`` that PyTorch would pad asymmetrically.
     """
+    if conv.groups != 1:
+        depthwise = " (this one is depthwise: a filter per input channel)" * (conv.groups == conv.in_channels)
+        raise ValueError(f"grouped convolutions (groups={conv.groups}) are not supported{depthwise}")
     if type(conv) is not nn.Conv2d:
         raise ValueError(f"expected an nn.Conv2d, got {type(conv).__name__}")
-    if conv.groups != 1:
-        raise ValueError(f"grouped convolutions (groups={conv.groups}) are not supported")
     padding = conv.padding
     if isinstance(padding, str):
         if padding == "valid":

@@ -66,6 +66,11 @@ def unsupported(name: str, module: nn.Module, modules: dict):
     kind = next((k for k in (nn.Conv2d, nn.Linear) if isinstance(module, k)), None)
     if kind is None:
         return f"{type(module).__name__} layers are not factorized (only nn.Conv2d and nn.Linear are)"
+    if kind is nn.Conv2d and module.groups != 1:   # the reason that holds whatever the class
+        try:
+            conv_config(module)
+        except ValueError as error:
+            return str(error)
     if type(module) is not kind:
         return (f"{type(module).__name__} is a subclass of nn.{kind.__name__}: its forward may differ "
                 f"from the plain layer's, so it is not replaced")
