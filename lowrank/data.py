@@ -7,11 +7,15 @@ download folder (never into the data root); when all fail it raises
 :class:`~lowrank.storage.MissingDataError`, and an unreadable file raises
 :class:`~lowrank.storage.CorruptDataError` naming it. Never random data.
 """
+import hashlib
+import os
 import zipfile
 from pathlib import Path
 
 import numpy as np
+import PIL
 import torch
+import torchvision
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
@@ -206,14 +210,9 @@ def imagenet_sample(size: int = 32, split: str | None = None, preprocessing: str
 
 
 def _resized_sample(size: int, resize: int, download: bool):
-    """``(images uint8 [1000, 3, size, size], labels [1000])`` of the ImageNet sample, the shorter
+    """``(images uint8 [N, 3, size, size], labels [N])`` of the N = 1,000 images, the shorter
     side resized to ``resize`` and the centre ``size`` × ``size`` cropped; from the user cache,
     else decoded and written there."""
-    import hashlib
-    import os
-    import PIL
-    import torchvision
-
     names = imagenet_sample_files()
     listing = "".join(f"{names[n]}  {n}\n" for n in sorted(names))
     versions = f"torchvision {torchvision.__version__}, pillow {PIL.__version__}, {resize}/{size}"
