@@ -8,6 +8,7 @@ download folder (never into the data root); when all fail it raises
 :class:`~lowrank.storage.CorruptDataError` naming it. Never random data.
 """
 import hashlib
+import math
 import os
 import zipfile
 from pathlib import Path
@@ -187,10 +188,12 @@ def imagenet_sample(size: int = 32, split: str | None = None, preprocessing: str
 
     ``split``: the 1,000 images are one per class, the class index being the position of the
     file's WordNet id in sorted order; "calibration" is the 500 images of even class index and
-    "test" the 500 of odd class index (``None``: all 1,000). Each half thus spans the whole class
-    list, whose order groups related classes (the dog breeds, the birds, …), with one image of
-    every other class: a fixed split, balanced over the classes, to calibrate on one half and
-    measure on the other.
+    "test" the 500 of odd class index (``None``: all 1,000, in class order). Each half thus spans
+    the whole class list, whose order groups related classes (the fish, the birds, the dog
+    breeds, …), with one image of every other class: a fixed split, balanced over the classes, to
+    calibrate on one half and measure on the other. A half comes in the fixed order
+    :func:`spread`, so that its first n images (``limit=n``) span the class list too, instead of
+    being the first n classes (all fish and birds).
 
     The resized images are decoded once and cached as a uint8 tensor in the user cache
     (:func:`lowrank.storage.cache_root`, never the data root); later calls load that tensor.
@@ -204,9 +207,19 @@ def imagenet_sample(size: int = 32, split: str | None = None, preprocessing: str
     crop, mean, std = PREPROCESSING[preprocessing]
     images, labels = _resized_sample(int(size), round(size / crop), download)
     if split is not None:
-        keep = labels % 2 == (0 if split == "calibration" else 1)
-        images, labels = images[keep], labels[keep]
+        half = (labels % 2 == (0 if split == "calibration" else 1)).nonzero().squeeze(1)
+        order = half[spread(len(half))]
+        images, labels = images[order], labels[order]
     return NormalizedImages(images, labels, mean, std)
+
+
+def spread(n: int) -> list[int]:
+    """A fixed order of ``range(n)`` in which every prefix spans the whole range: i ↦ k·i mod n,
+    k the integer nearest n/φ (φ the golden ratio) that is coprime with n."""
+    k = max(1, round(n / (1 + 5 ** 0.5) * 2))
+    while math.gcd(k, n) != 1:
+        k += 1
+    return [k * i % n for i in range(n)]
 
 
 def _resized_sample(size: int, resize: int, download: bool):

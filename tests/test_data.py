@@ -232,8 +232,19 @@ def ten_images(tmp_path, monkeypatch):
 def test_imagenet_sample_splits_are_fixed_disjoint_halves(ten_images):
     everything = lr.data.imagenet_sample(16)
     calibration, test = lr.data.imagenet_sample(16, "calibration"), lr.data.imagenet_sample(16, "test")
-    assert [y for _, y in calibration] == [0, 2, 4, 6, 8] and [y for _, y in test] == [1, 3, 5, 7, 9]
-    assert torch.equal(calibration[1][0], everything[2][0]) and torch.equal(test[1][0], everything[3][0])
+    assert [y for _, y in everything] == list(range(10))
+    assert [y for _, y in calibration] == [0, 6, 2, 8, 4] and [y for _, y in test] == [1, 7, 3, 9, 5]
+    assert all(torch.equal(x, everything[y][0]) for x, y in [*calibration, *test])
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 10, 500, 999])
+def test_spread_orders_so_that_every_prefix_spans_the_range(n):
+    order = lr.data.spread(n)
+    assert sorted(order) == list(range(n))
+    for prefix in (8, 16, 64):
+        if prefix <= n:   # no gap between the first `prefix` values wider than 3 n / prefix
+            values = sorted(order[:prefix]) + [order[0] + n]
+            assert max(b - a for a, b in zip(values, values[1:])) <= 3 * n / prefix
 
 
 def test_imagenet_sample_is_cached_in_the_user_cache_only(ten_images, tmp_path, monkeypatch):
