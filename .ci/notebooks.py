@@ -6,6 +6,7 @@
 The repository setting lives in _config.yml (`repository:`); everything here derives from it.
 tests/test_book.py checks the committed notebooks with the same functions.
 """
+import os
 import re
 import sys
 from pathlib import Path
@@ -98,6 +99,9 @@ def execute(paths):
     """Run each notebook top to bottom in its own folder and write it back without volatile metadata."""
     from nbclient import NotebookClient
 
+    # The kernel inherits this environment: with MPLBACKEND set (CI sets Agg) matplotlib would not
+    # use the inline backend, and the committed run would have no figures.
+    os.environ.pop("MPLBACKEND", None)
     for path in map(Path, paths):
         nb = nbformat.read(path, as_version=4)
         print(f"executing {path} ...", flush=True)

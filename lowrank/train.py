@@ -138,8 +138,9 @@ def fit(model, data, epochs=3, lr=0.01, batch_size=128, momentum=0.9, nesterov=T
             history.loss.append(loss)
             history.train_accuracy.append(train_accuracy)
             postfix = {"loss": f"{loss:.4f}", "train_acc": f"{train_accuracy:.3f}"}
-            if eval_data is not None:
-                history.accuracy.append(float(accuracy(model, eval_data)))
+            if eval_data is not None:   # its DataLoader draws a seed: keep training's random stream
+                with torch.random.fork_rng(devices=[]):
+                    history.accuracy.append(float(accuracy(model, eval_data)))
                 postfix["acc"] = f"{history.accuracy[-1]:.3f}"
             history.seconds.append(time.perf_counter() - start)
             bar.set_postfix(postfix)

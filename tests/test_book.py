@@ -188,3 +188,16 @@ def test_html_check_finds_what_a_reader_would_see(tmp_path):
     assert bad["offline"] == ["https://lib.invalid/lib.js"]
     assert any("undefinedName" in p for p in bad["console"])
     assert sorted(p.name for p in (tmp_path / "shots").glob("*.png")) == ["bad.png", "good.png"]
+
+
+def test_execute_keeps_the_figures(tmp_path, monkeypatch):
+    """`make outputs` under MPLBACKEND=Agg (as in CI) still commits inline figures."""
+    pytest.importorskip("nbclient")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    path = tmp_path / "figure.ipynb"
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "import matplotlib.pyplot as plt\nplt.plot([0, 1])\nplt.title('a line');")])
+    nbformat.write(nb, path)
+    notebooks.execute([path])
+    outputs = read(path).cells[0].outputs
+    assert any("image/png" in o.get("data", {}) for o in outputs), outputs

@@ -69,6 +69,16 @@ def test_same_seed_same_history_and_weights():
     assert ha.loss != hc.loss and not same_weights(a, c)
 
 
+def test_eval_data_does_not_change_the_training():
+    """Measuring accuracy between epochs must not consume the random stream that dropout (and
+    augmentation) draw from: the same seed gives the same weights with or without eval_data."""
+    data, start = separable(), mlp(dropout=0.5)
+    a, b = copy.deepcopy(start), copy.deepcopy(start)
+    fit(a, data, epochs=3, lr=0.05, batch_size=32, progress=False)
+    fit(b, data, epochs=3, lr=0.05, batch_size=32, eval_data=separable(n=64, seed=1), progress=False)
+    assert same_weights(a, b)
+
+
 def test_distillation_loss_is_the_formula():
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)
