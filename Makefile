@@ -15,7 +15,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install $(TORCH)
-	$(PY) -m pip install -e ".[test,book,site,assignments]"
+	$(PY) -m pip install -e ".[test,book,site,assignments,imagenet]"
 	touch $@
 
 test: unit notebooks assignments-test html-check

@@ -7,16 +7,21 @@ download folder (never into the data root); when all fail it raises
 :class:`~lowrank.storage.MissingDataError`, and an unreadable file raises
 :class:`~lowrank.storage.CorruptDataError` naming it. Never random data.
 """
+import hashlib
+import math
+import os
 import zipfile
 from pathlib import Path
 
 import numpy as np
+import PIL
 import torch
+import torchvision
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
-from .storage import corrupt, data_root, download_root, find, missing
+from .storage import cache_root, corrupt, data_root, download_root, find, missing
 
 #: ImageNet statistics, used by the pretrained CIFAR-10 ResNets (Idelbayev's training script).
 MEAN = (0.485, 0.456, 0.406)
@@ -142,35 +147,114 @@ def mnist(split: str = "test", limit: int | None = None, download: bool = True):
                       "it with torchvision") from error
 
 
-def imagenet_sample(size: int = 32, download: bool = True):
-    """1,000 ImageNet validation-style images, one per class, as a Dataset of
-    (image [3, size, size] normalised with the ImageNet statistics, class index 0–999).
-
-    Images are resized (shorter side) and centre-cropped to ``size``. The class index is the
-    position of the file's WordNet id in sorted order.
-    """
-    if int(size) != size or size < 8:
-        raise ValueError(f"size must be an integer ≥ 8, got {size!r}")
-    files = sorted(imagenet_sample_folder(download).glob("*.JPEG"))
-    transform = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size),
-                                    transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
-    wnids = sorted({f.name.split("_")[0] for f in files})
-    index = {w: i for i, w in enumerate(wnids)}
-    return ImageFiles(files, [index[f.name.split("_")[0]] for f in files], transform)
+#: EfficientNet-Lite's input scaling, (x − 127) / 128 for pixel values x in 0–255 (the TensorFlow
+#: reference's MEAN_RGB = 127, STDDEV_RGB = 128), as a mean and std of pixels in [0, 1]
+LITE_MEAN, LITE_STD = (127 / 255,) * 3, (128 / 255,) * 3
+#: name → (share of the resized image the centre crop keeps, mean, std) of the ImageNet sample's
+#: preprocessings: "cifar" the whole image (shorter side resized to the size) normalised as the
+#: CIFAR-10 ResNets expect; "torchvision" torchvision's ImageNet weights' (resize 256, crop 224);
+#: "efficientnet_lite" the same crop scaled to [−1, 1], as EfficientNet-Lite's weights expect.
+PREPROCESSING = {"cifar": (1.0, MEAN, STD), "torchvision": (0.875, MEAN, STD),
+                 "efficientnet_lite": (0.875, LITE_MEAN, LITE_STD)}
+IMAGENET_SPLITS = ("calibration", "test")
 
 
-class ImageFiles(Dataset):
-    """Image files on disk with labels; yields ``(transform(RGB image), label)``."""
+class NormalizedImages(Dataset):
+    """uint8 images [N, 3, H, W] with labels [N]; yields ``((image / 255 − mean) / std, label)``,
+    the image as float32 [3, H, W]."""
 
-    def __init__(self, files, labels, transform):
-        self.files, self.labels, self.transform = list(files), list(labels), transform
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean, std):
+        self.images, self.labels = images, labels
+        self.mean, self.std = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
 
     def __len__(self):
-        return len(self.files)
+        return len(self.labels)
 
     def __getitem__(self, i):
-        with Image.open(self.files[i]) as img:
-            return self.transform(img.convert("RGB")), self.labels[i]
+        return (self.images[i].float() / 255 - self.mean) / self.std, int(self.labels[i])
+
+
+def imagenet_sample(size: int = 32, split: str | None = None, preprocessing: str = "cifar",
+                    download: bool = True):
+    """1,000 ImageNet validation-style images, one per class, as a Dataset of
+    (image [3, size, size] float32, class index 0–999).
+
+    ``preprocessing`` (:data:`PREPROCESSING`): "cifar" (default) resizes the shorter side to
+    ``size`` and keeps the centre square, normalised with the ImageNet statistics, as the CIFAR-10
+    ResNets expect; "torchvision" resizes the shorter side to ``size / 0.875`` (256 for 224) and
+    crops the centre ``size``, normalised likewise, as torchvision's ImageNet weights expect;
+    "efficientnet_lite" crops the same way and scales pixels to [−1, 1] ((x − 127) / 128), as
+    :func:`lowrank.models.efficientnet_lite0` expects. Resizing is bilinear with antialiasing.
+
+    ``split``: the 1,000 images are one per class, the class index being the position of the
+    file's WordNet id in sorted order; "calibration" is the 500 images of even class index and
+    "test" the 500 of odd class index (``None``: all 1,000, in class order). Each half thus spans
+    the whole class list, whose order groups related classes (the fish, the birds, the dog
+    breeds, …), with one image of every other class: a fixed split, balanced over the classes, to
+    calibrate on one half and measure on the other. A half comes in the fixed order
+    :func:`spread`, so that its first n images (``limit=n``) span the class list too, instead of
+    being the first n classes (all fish and birds).
+
+    The resized images are decoded once and cached as a uint8 tensor in the user cache
+    (:func:`lowrank.storage.cache_root`, never the data root); later calls load that tensor.
+    """
+    if isinstance(size, bool) or int(size) != size or size < 8:
+        raise ValueError(f"size must be an integer ≥ 8, got {size!r}")
+    if split not in (*IMAGENET_SPLITS, None):
+        raise ValueError(f"split must be one of {IMAGENET_SPLITS} or None, got {split!r}")
+    if preprocessing not in PREPROCESSING:
+        raise ValueError(f"preprocessing must be one of {sorted(PREPROCESSING)}, got {preprocessing!r}")
+    crop, mean, std = PREPROCESSING[preprocessing]
+    images, labels = _resized_sample(int(size), round(size / crop), download)
+    if split is not None:
+        half = (labels % 2 == (0 if split == "calibration" else 1)).nonzero().squeeze(1)
+        order = half[spread(len(half))]
+        images, labels = images[order], labels[order]
+    return NormalizedImages(images, labels, mean, std)
+
+
+def spread(n: int) -> list[int]:
+    """A fixed order of ``range(n)`` in which every prefix spans the whole range: i ↦ k·i mod n,
+    k the integer nearest n/φ (φ the golden ratio) that is coprime with n."""
+    k = max(1, round(n / (1 + 5 ** 0.5) * 2))
+    while math.gcd(k, n) != 1:
+        k += 1
+    return [k * i % n for i in range(n)]
+
+
+def _resized_sample(size: int, resize: int, download: bool):
+    """``(images uint8 [N, 3, size, size], labels [N])`` of the N = 1,000 images, the shorter
+    side resized to ``resize`` and the centre ``size`` × ``size`` cropped; from the user cache,
+    else decoded and written there."""
+    names = imagenet_sample_files()
+    listing = "".join(f"{names[n]}  {n}\n" for n in sorted(names))
+    versions = f"torchvision {torchvision.__version__}, pillow {PIL.__version__}, {resize}/{size}"
+    key = hashlib.sha256((listing + versions).encode()).hexdigest()[:16]
+    path = cache_root() / "imagenet-sample" / f"resized-{resize}-{size}-{key}.pt"
+    if path.is_file():
+        try:
+            cached = torch.load(path, weights_only=True)
+            if cached["images"].shape == (len(names), 3, size, size):
+                return cached["images"], cached["labels"]
+        except Exception:  # noqa: BLE001 (torch.load raises many kinds on a truncated file)
+            pass  # an unfinished or damaged cache file: decode again and replace it
+    folder = imagenet_sample_folder(download)
+    files = [folder / n for n in sorted(names)]
+    wnids = sorted({n.split("_")[0] for n in names})
+    index = {w: i for i, w in enumerate(wnids)}
+    labels = torch.tensor([index[f.name.split("_")[0]] for f in files])
+    transform = transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(size),
+                                    transforms.PILToTensor()])
+    images = []
+    for f in files:
+        with Image.open(f) as img:
+            images.append(transform(img.convert("RGB")))
+    images = torch.stack(images)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    torch.save({"images": images, "labels": labels}, partial)
+    partial.replace(path)   # atomic: a concurrent reader sees the old file or the whole new one
+    return images, labels
 
 
 # The ImageNet sample off-machine: the same 1,000 files, from a pinned commit, sha256-checked.

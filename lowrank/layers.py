@@ -25,10 +25,10 @@ def conv_config(conv: nn.Conv2d) -> dict:
     Raises ``ValueError`` for what the factorizations do not support: ``groups > 1``, and
     ``padding="same"`` that PyTorch would pad asymmetrically.
     """
+    if conv.groups != 1:
+        raise ValueError(grouped(conv))
     if type(conv) is not nn.Conv2d:
         raise ValueError(f"expected an nn.Conv2d, got {type(conv).__name__}")
-    if conv.groups != 1:
-        raise ValueError(f"grouped convolutions (groups={conv.groups}) are not supported")
     padding = conv.padding
     if isinstance(padding, str):
         if padding == "valid":
@@ -42,6 +42,12 @@ def conv_config(conv: nn.Conv2d) -> dict:
     return dict(in_channels=conv.in_channels, out_channels=conv.out_channels,
                 kernel_size=list(conv.kernel_size), stride=list(conv.stride), padding=list(padding),
                 dilation=list(conv.dilation), bias=conv.bias is not None, padding_mode=conv.padding_mode)
+
+
+def grouped(conv: nn.Conv2d) -> str:
+    """Why a grouped conv (``groups > 1``) is not factorized: the message plans and errors give."""
+    depthwise = " (this one is depthwise: a filter per input channel)" * (conv.groups == conv.in_channels)
+    return f"grouped convolutions (groups={conv.groups}) are not supported{depthwise}"
 
 
 def linear_config(linear: nn.Linear) -> dict:

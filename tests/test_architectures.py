@@ -1,4 +1,5 @@
-"""plan / compress / structure / save / load on torchvision architectures the book never uses.
+"""plan / compress / structure / save / load on torchvision architectures the book never uses, and
+on the package's EfficientNet-Lite0 (whose convs pad in their own forward).
 
 The models are built WITHOUT weights (random initialisation, float64) and run on random 32×32
 inputs: these tests check exactness at full rank, that plan costs equal the built model's, and
@@ -33,10 +34,15 @@ ARCHITECTURES = {
     "convnext_tiny": (lambda: tm.convnext_tiny(num_classes=10), ["features.[01].*", "classifier.*"],
                       {"grouped convolutions": 18}),
     "vit": (vit, None, {"attention: nn.MultiheadAttention": 2, "projection inside nn.MultiheadAttention": 2}),
+    "mobilenet_v3_small": (lambda: tm.mobilenet_v3_small(num_classes=10), None, {"grouped convolutions": 11}),
+    "efficientnet_lite0": (lambda: lr.models.efficientnet_lite0(pretrained=False), ["_blocks.[0-3].*", "_conv_head"],
+                           {"grouped convolutions": 16, "Conv2dStaticSamePadding is a subclass of nn.Conv2d": 1}),
 }
 
 
 def build(name, seed=0):
+    if name == "efficientnet_lite0":
+        pytest.importorskip("efficientnet_lite_pytorch")
     torch.manual_seed(seed)
     return ARCHITECTURES[name][0]().eval().double()
 
@@ -98,3 +104,19 @@ def test_data_informed_compression_calibrates_what_the_plan_factorizes(name):
     with torch.no_grad():
         assert torch.isfinite(small(x)).all()
     assert lr.measure.params(small) == plan.params
+
+
+def test_sequential_compression_at_full_rank_reproduces_efficientnet_lite0():
+    """Error feedback through EfficientNet-Lite0's pointwise convs (blocks in a ModuleList, called
+    with keyword arguments): at full rank each layer is fitted to an unchanged input, so the
+    compressed model computes what the dense one does."""
+    model = build("efficientnet_lite0")
+    plan = lr.plan(model, "svd", lambda layer: layer.full_rank(), include=["_blocks.[0-2].*"], norm="data")
+    for e in plan.layers.values():
+        e["method"] = "svd"
+    small = lr.compress_sequential(model, plan, inputs(4), progress=False)
+    assert [n for n, m in small.named_modules() if isinstance(m, lr.layers.ChannelSVDConv2d)] == list(plan)
+    x = inputs()
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(small(x), expected, rtol=1e-8, atol=1e-8 * float(expected.abs().max()))

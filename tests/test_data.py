@@ -4,6 +4,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torchvision import datasets
 
 import lowrank as lr
@@ -217,3 +218,75 @@ def test_truncated_offline_file_is_named(tmp_path, monkeypatch):
     with pytest.raises(CorruptDataError) as error:
         lr.data.cifar10("test")
     assert str(bad) in str(error.value) and "SHA256SUMS" in str(error.value)
+
+
+@pytest.fixture
+def ten_images(tmp_path, monkeypatch):
+    """The ImageNet sample cut to its first ten files, with an empty user cache."""
+    monkeypatch.setenv("LOWRANK_CACHE", str(tmp_path / "cache"))
+    ten = dict(list(lr.data.imagenet_sample_files().items())[:10])
+    monkeypatch.setattr(lr.data, "imagenet_sample_files", lambda: ten)
+    return ten
+
+
+def test_imagenet_sample_splits_are_fixed_disjoint_halves(ten_images):
+    everything = lr.data.imagenet_sample(16)
+    calibration, test = lr.data.imagenet_sample(16, "calibration"), lr.data.imagenet_sample(16, "test")
+    assert [y for _, y in everything] == list(range(10))
+    assert [y for _, y in calibration] == [0, 6, 2, 8, 4] and [y for _, y in test] == [1, 7, 3, 9, 5]
+    assert all(torch.equal(x, everything[y][0]) for x, y in [*calibration, *test])
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 10, 500, 999])
+def test_spread_orders_so_that_every_prefix_spans_the_range(n):
+    order = lr.data.spread(n)
+    assert sorted(order) == list(range(n))
+    for prefix in (8, 16, 64):
+        if prefix <= n:   # no gap between the first `prefix` values wider than 3 n / prefix
+            values = sorted(order[:prefix]) + [order[0] + n]
+            assert max(b - a for a, b in zip(values, values[1:])) <= 3 * n / prefix
+
+
+def test_imagenet_sample_is_cached_in_the_user_cache_only(ten_images, tmp_path, monkeypatch):
+    first = lr.data.imagenet_sample(24, preprocessing="torchvision")
+    cached = list((tmp_path / "cache" / "imagenet-sample").iterdir())
+    assert len(cached) == 1 and cached[0].suffix == ".pt"
+    assert not any(p.name.startswith("resized") for p in lr.storage.data_root().rglob("*.pt"))
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded a JPEG although the images are cached")
+
+    monkeypatch.setattr(lr.data.Image, "open", no_decoding)
+    again = lr.data.imagenet_sample(24, preprocessing="torchvision")
+    assert all(torch.equal(first[i][0], again[i][0]) for i in range(10))
+    cached[0].write_bytes(b"truncated")                # a damaged cache is decoded again
+    monkeypatch.undo()
+    monkeypatch.setenv("LOWRANK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(lr.data, "imagenet_sample_files", lambda: ten_images)
+    assert torch.equal(lr.data.imagenet_sample(24, preprocessing="torchvision")[0][0], first[0][0])
+
+
+def test_imagenet_sample_preprocessings_are_the_models_transforms(ten_images):
+    """"cifar": the whole image at the size; "torchvision": resize 256, crop 224 (torchvision's
+    ImageNet weights' transform), ImageNet mean/std; "efficientnet_lite": that crop, (x − 127)/128."""
+    from torchvision import transforms as T
+    from torchvision.models import ResNet18_Weights
+
+    path = lr.data.imagenet_sample_folder() / sorted(ten_images)[0]
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        cifar = T.Compose([T.Resize(32), T.CenterCrop(32), T.ToTensor(), T.Normalize(lr.data.MEAN, lr.data.STD)])(img)
+        torchvision = ResNet18_Weights.IMAGENET1K_V1.transforms()(img)
+        pixels = T.Compose([T.Resize(256), T.CenterCrop(224), T.PILToTensor()])(img).float()
+    torch.testing.assert_close(lr.data.imagenet_sample(32)[0][0], cifar)
+    torch.testing.assert_close(lr.data.imagenet_sample(224, preprocessing="torchvision")[0][0], torchvision)
+    lite = lr.data.imagenet_sample(224, preprocessing="efficientnet_lite")[0][0]
+    torch.testing.assert_close(lite, (pixels - 127) / 128)
+    assert -1 <= lite.min() < lite.max() <= 1
+
+
+@pytest.mark.parametrize("call", [lambda: lr.data.imagenet_sample(32, "train"),
+                                  lambda: lr.data.imagenet_sample(32, preprocessing="inception")])
+def test_imagenet_sample_bad_split_or_preprocessing(call):
+    with pytest.raises(ValueError, match="split|preprocessing"):
+        call()
