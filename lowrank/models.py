@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .batchnorm import _set
 from .storage import cache_root, fetch
 
 CHECKPOINTS = {  # depth → (file, sha256)
@@ -176,8 +177,7 @@ def _plain_convs(model: nn.Module) -> nn.Module:
         plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, (top, left),
                           conv.dilation, conv.groups, conv.bias is not None)
         plain.load_state_dict(conv.state_dict())
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, plain)
+        _set(model, name, plain)
     return model
 
 
