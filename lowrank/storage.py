@@ -65,6 +65,40 @@ def fetch(relative: str, url: str, digest: str, what: str) -> Path:
     return path
 
 
+def benchmark_result(name: str) -> Path:
+    """The file ``benchmarks/results/<name>`` that the book's benchmark scripts write: from the
+    clone the working directory is in (or above it: the chapters run in ``book/``), else
+    downloaded once from the repository in the package's metadata (``Project-URL: Repository``,
+    its default branch) into ``cache_root() / "results"`` — for a chapter opened alone, on Colab.
+    Raises MissingDataError (naming the file and the address) when neither works."""
+    from importlib.metadata import PackageNotFoundError, metadata
+
+    relative = Path("benchmarks") / "results" / name
+    for folder in [Path.cwd(), *Path.cwd().parents]:
+        if (folder / relative).is_file():
+            return folder / relative
+    path = cache_root() / "results" / name
+    if path.is_file():
+        return path
+    try:
+        urls = dict(u.split(", ", 1) for u in metadata("lowrank").get_all("Project-URL") or [])
+        repository = urls["Repository"]
+    except (PackageNotFoundError, KeyError, ValueError):
+        repository = "https://github.com/<the book's repository>"
+    url = repository.replace("https://github.com/", "https://raw.githubusercontent.com/") + f"/HEAD/{relative}"
+    try:
+        import torch.hub
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(path), progress=False)
+    except Exception as error:
+        raise MissingDataError(
+            f"{relative} is not in a clone above {Path.cwd()}, and downloading it from {url} failed "
+            f"({type(error).__name__}). Run the chapter inside a clone of the book's repository, "
+            f"or put the file at {path}.") from error
+    return path
+
+
 def sha256(path) -> str:
     """Hex sha256 digest of a file."""
     digest = hashlib.sha256()

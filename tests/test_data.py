@@ -1,5 +1,6 @@
 import hashlib
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -290,3 +291,25 @@ def test_imagenet_sample_preprocessings_are_the_models_transforms(ten_images):
 def test_imagenet_sample_bad_split_or_preprocessing(call):
     with pytest.raises(ValueError, match="split|preprocessing"):
         call()
+
+
+def test_benchmark_result_is_found_in_the_clone_above(tmp_path, monkeypatch):
+    book = Path(__file__).resolve().parent.parent / "book"
+    monkeypatch.chdir(book)
+    path = lr.storage.benchmark_result("deploy.md")
+    assert path == book.parent / "benchmarks" / "results" / "deploy.md"
+
+
+def test_benchmark_result_outside_a_clone_names_the_file_and_address(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LOWRANK_CACHE", str(tmp_path / "cache"))
+
+    def offline(url, dst, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr("torch.hub.download_url_to_file", offline)
+    with pytest.raises(MissingDataError, match=r"benchmarks/results/absent\.md.*raw\.githubusercontent\.com"):
+        lr.storage.benchmark_result("absent.md")
+    (tmp_path / "cache" / "results").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "cache" / "results" / "absent.md").write_text("downloaded before")
+    assert lr.storage.benchmark_result("absent.md").read_text() == "downloaded before"
