@@ -23,7 +23,7 @@ memory (`lr.deploy.retain_memory`, section 1 measures what that changes):
    paired against the dense model on the 1,017 test images; speed-ups at batch 1 and 128.
 
 Run: LOWRANK_DATA=/work/shared/data .venv/bin/python benchmarks/deploy.py [--no-compile] [--no-finetune]
-Writes benchmarks/results/deploy.md.
+Writes benchmarks/results/deploy.md (with --sections 3: deploy_3.md, and so on).
 """
 import argparse
 import os
@@ -127,10 +127,15 @@ def budgets(times, lines):
     blocks = sum(e["params"][0] for e in reference.layers.values())
     rest = reference.model_params - blocks
     for fraction in BUDGETS:
-        rule = lr.ranks.budget(fraction, by="latency", table=table)
-        table.calibrate(dense, lr.plan(dense, "tucker2", rule, exclude=EXCLUDE))   # scale at these ranks
-        rule = lr.ranks.budget(fraction, by="latency", table=table)
-        latency_plan = lr.plan(dense, "tucker2", rule, exclude=EXCLUDE)
+        try:
+            rule = lr.ranks.budget(fraction, by="latency", table=table)
+            table.calibrate(dense, lr.plan(dense, "tucker2", rule, exclude=EXCLUDE))   # scale at these ranks
+            rule = lr.ranks.budget(fraction, by="latency", table=table)
+            latency_plan = lr.plan(dense, "tucker2", rule, exclude=EXCLUDE)
+        except ValueError as error:   # below what the fastest rank of every layer gives
+            lines.append(f"| {fraction} | latency | infeasible: {str(error).split(': ', 1)[-1]} | | | | no |")
+            print(lines[-1], flush=True)
+            continue
         lo, hi = 0.01, 1.0   # the parameter budget predicted to take as long
         for _ in range(7):
             mid = (lo + hi) / 2
@@ -200,7 +205,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (minutes to compile)")
     parser.add_argument("--no-finetune", action="store_true", help="skip the fine-tuning of section 4")
+    parser.add_argument("--sections", default="1,2,3,4",
+                        help="which sections to run; a subset is written to deploy_<sections>.md")
     args = parser.parse_args()
+    sections = {int(s) for s in args.sections.split(",")}
     torch.set_num_threads(1)
     import onnxruntime
 
@@ -209,22 +217,28 @@ def main():
              f"{onnxruntime.__version__}; 1 thread, times are the CPU time of that thread (`clock=\"cpu\"`), "
              "medians of 5 interleaved rounds (section 1: 3) of `torch.utils.benchmark` repeats.", ""]
     start = time.perf_counter()
-    fresh_pages(lines)
+    if 1 in sections:
+        fresh_pages(lines)
     times = lr.deploy.LayerTimes(batch_size=128, refresh=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
-        lines += ["## 2. Runtimes", "",
-                  f"Block convs compressed to keep {KEEP:.0%} of their parameters (plain decompositions), conv1 "
-                  "and the classifier dense. Speed-up: the runtime's dense model over the compressed one; "
-                  "`÷ MAC red.` is 1.0 when time falls in proportion to the MACs that run. ONNX Runtime and "
-                  "torch.compile run the optimized model (BN folded, factors merged where measured faster).", ""]
-        for depth in (20, 56):
-            runtimes(depth, times, not args.no_compile, lines, tmp)
-        table = budgets(times, lines)
-        target(table, times, not args.no_finetune, not args.no_compile, lines, tmp)
+        if 2 in sections:
+            lines += ["## 2. Runtimes", "",
+                      f"Block convs compressed to keep {KEEP:.0%} of their parameters (plain decompositions), "
+                      "conv1 and the classifier dense. Speed-up: the runtime's dense model over the compressed "
+                      "one; `÷ MAC red.` is 1.0 when time falls in proportion to the MACs that run. ONNX Runtime "
+                      "and torch.compile run the optimized model (BN folded, factors merged where measured "
+                      "faster).", ""]
+            for depth in (20, 56):
+                runtimes(depth, times, not args.no_compile, lines, tmp)
+        if sections & {3, 4}:
+            table = budgets(times, lines)
+        if 4 in sections:
+            target(table, times, not args.no_finetune, not args.no_compile, lines, tmp)
     lines.append(f"Total {time.perf_counter() - start:.0f} s; load average at the end {os.getloadavg()[0]:.1f} "
                  "(timings are meaningful on an otherwise idle machine only).")
-    out = pathlib.Path(__file__).parent / "results" / "deploy.md"
+    name = "deploy.md" if sections == {1, 2, 3, 4} else f"deploy_{'_'.join(map(str, sorted(sections)))}.md"
+    out = pathlib.Path(__file__).parent / "results" / name
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
 
