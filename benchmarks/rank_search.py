@@ -8,7 +8,9 @@ test images, paired with the dense network on the same images (`lr.measure.paire
 Every compressed model gets its BatchNorm statistics re-estimated on 1,024 augmented training
 images (`lr.recalibrate_bn`) before it is measured ("before"); the accuracy without it is listed
 too. "after": the book's recipe from there, `lr.train.fit(small, cifar10("train", augment=True),
-teacher=dense)` with fit's defaults (3 epochs, distillation). Methods (channel SVD unless said):
+teacher=dense)` with fit's defaults (3 epochs, distillation), except that CP networks are trained
+at lr 1e-3 (`CP_LR`; chapter 4: the recipe's 0.01 wrecks them); with `--epochs N` the rows are
+fine-tuned N epochs and named "method (N epochs)". Methods (channel SVD unless said):
 - uniform: the same share of every layer (`ranks=fraction`), plain SVD;
 - energy: one ARSVD threshold τ for all layers, by bisection to the budget; plain SVD;
 - greedy: the greedy energy-per-parameter allocator (`lr.ranks.budget`); plain SVD;
@@ -28,6 +30,7 @@ machine, with the machine and its load printed in the results.
 Run (resumable: finished rows are kept in benchmarks/results/rank_search_<net>.json):
   LOWRANK_DATA=/work/shared/data .venv/bin/python benchmarks/rank_search.py --net resnet20
   LOWRANK_DATA=/work/shared/data .venv/bin/python benchmarks/rank_search.py --net resnet56
+  ... --net resnet20 --budgets 0.28,0.2 --finetune 0.28,0.2 --only CP-EF --epochs 20   # the long rows
   .venv/bin/python benchmarks/rank_search.py --report        # writes rank_search.md from the JSON
 """
 import os
@@ -264,6 +267,7 @@ def measure(model, name, method, fraction, by, plan, compress, select_s, finetun
     recalibrated = lr.recalibrate_bn(small, augmented, limit=RECALIBRATION)
     row = dict(net=name, by=by, budget=fraction, method=labelled(method, epochs), params=share(plan, "params"),
                macs=share(plan, "macs"), select_s=select_s, compress_s=compress_s,
+               threads=torch.get_num_threads(), load=os.getloadavg()[0],
                no_recalibration=float(lr.measure.accuracy(small, test)),
                ranks={n: e["rank"] if e["method"] != "dense" else "dense" for n, e in plan.items()})
     row["before"], row["before_diff"], row["before_se"], row["before_correct"] = paired_with_dense(recalibrated,
@@ -347,8 +351,9 @@ def report():
         if base is None:
             continue
         lines += [f"## {net}: dense {pts(base['before'])} %", "",
-                  f"Machine: {base['machine']}, {base['threads']} thread{'s' * (base['threads'] > 1)}, load average {base['load']:.1f} "
-                  "at the start (the machine was shared: times are indicative).", "",
+                  f"Machine: {base['machine']}. Rows were recorded over several runs, with 1 or 2 threads, on "
+                  f"a machine shared with other jobs (the latest run: {base['threads']} thread(s), load average "
+                  f"{base['load']:.1f} at its start): times are indicative.", "",
                   "| budget | method | kept params | kept MACs | no BN | before | Δ before | after | Δ after | "
                   "select (s) | compress (s) | ft CPU (s) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         mine = [r for k, r in rows.items() if k.startswith(net + "|") and r["method"] != "dense"]
