@@ -293,7 +293,7 @@ def test_imagenet_sample_bad_split_or_preprocessing(call):
         call()
 
 
-def test_benchmark_result_is_found_in_the_clone_above(tmp_path, monkeypatch):
+def test_benchmark_result_is_found_in_the_clone_above(monkeypatch):
     book = Path(__file__).resolve().parent.parent / "book"
     monkeypatch.chdir(book)
     path = lr.storage.benchmark_result("deploy.md")
