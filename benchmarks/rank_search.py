@@ -274,7 +274,7 @@ def measure(model, name, method, fraction, by, plan, compress, select_s, finetun
                                                                                                   model)
     if finetune:
         start, cpu = time.perf_counter(), time.process_time()
-        row["finetune_lr"] = finetune_lr(method)
+        row["finetune_lr"], row["finetune_epochs"] = finetune_lr(method), epochs
         lr.train.fit(recalibrated, augmented, teacher=model, lr=row["finetune_lr"], epochs=epochs,
                      progress=False)
         row["finetune_s"], row["finetune_cpu_s"] = time.perf_counter() - start, time.process_time() - cpu
